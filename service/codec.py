@@ -1,0 +1,190 @@
+"""Bytes → model input, and attention masks → PNG: what happens to an image outside the model.
+
+Decoding runs in the bounded decode pool with PIL + numpy only (no torch ops, so no intra-op threads compete
+with the inference thread). The result matches ``Preprocessing.eval_transform()`` (the training eval pipeline)
+up to PIL-vs-torchvision resize rounding (≤ 1 grey level per pixel), with these deliberate, deterministic
+rules for inputs the training pipeline never sees:
+
+* EXIF orientation is applied first (``ImageOps.exif_transpose``); sizes reported are after it.
+* Alpha is dropped (``convert`` semantics, as torchvision's ``v2.RGB`` / ``v2.Grayscale`` do); palette images
+  with transparency go through RGBA first so the palette colour is kept.
+* 16-bit greyscale (``I;16*``, ``I``) is scaled to 8 bits (v / 257, rounded) instead of Pillow's clipping.
+* CMYK uses Pillow's CMYK → RGB conversion; ``1`` (bilevel) becomes 0/255.
+* Animated WebP / APNG: the first frame.
+* Large JPEGs are decoded at reduced scale (``Image.draft``, DCT scaling) but never below twice the size the
+  model needs, so the final antialiased resize still sees at least 2× the pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from models import Preprocessing
+
+from .errors import ServiceError, image_too_large, undecodable, unsupported
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+ALLOWED_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """One image ready for the batcher: the normalised input plus what the audit record needs."""
+
+    array: np.ndarray  # float32 (C, H, W), normalised
+    width: int  # original size, after EXIF orientation
+    height: int
+    sha256: str
+    nbytes: int
+
+
+def treat_bomb_warnings_as_errors() -> None:
+    """Pillow's DecompressionBombWarning becomes an exception (→ 413) everywhere in this process."""
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def _sniffed_format(data: bytes) -> str | None:
+    """The name of a Pillow format whose magic bytes match ``data``: only ``accept`` checks run, no decoder."""
+    Image.init()
+    head = data[:64]
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(head):
+                return name
+        except Exception:  # noqa: BLE001, S112 - an accept() that chokes on the prefix just did not match
+            continue
+    return None
+
+
+def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Identify ``data`` (JPEG/PNG/WebP only, 415 otherwise) and check its size from the header (413)."""
+    if not data:
+        raise ServiceError(400, "bad_request", "empty image")
+    try:
+        img = Image.open(BytesIO(data), formats=ALLOWED_FORMATS)
+    except UnidentifiedImageError:
+        fmt = _sniffed_format(data)
+        if fmt is not None:
+            raise unsupported(f"image format {fmt} is not accepted; send JPEG, PNG or WebP") from None
+        raise undecodable("not a recognisable image (expected JPEG, PNG or WebP)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise image_too_large(f"image too large: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any Pillow failure on a client's bytes is the client's problem
+        raise undecodable(f"cannot read image header: {type(exc).__name__}") from None
+    if img.width * img.height > max_pixels:
+        raise image_too_large(f"image is {img.width}x{img.height} = {img.width * img.height} pixels; "
+                              f"the limit is {max_pixels}")
+    if img.width < 1 or img.height < 1:
+        raise undecodable("image has no pixels")
+    return img
+
+
+def _draft_for(img: Image.Image, pre: Preprocessing) -> None:
+    """Ask the JPEG decoder for a DCT-scaled image no smaller than twice what the resize needs."""
+    if img.format != "JPEG":
+        return
+    needed = 2 * max(*pre.input_size, pre.resize_size if pre.resize_mode == "center_crop" else 0)
+    scale = needed / min(img.size)
+    if scale < 0.5:
+        img.draft("L" if pre.color == "L" else "RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+
+
+def canonical_mode(img: Image.Image, color: str) -> Image.Image:
+    """Any decoded mode → ``color`` ("RGB" or "L") by the rules in the module docstring."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        wide = np.asarray(img, dtype=np.float64 if img.mode == "I" else None).astype(np.float64)
+        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode in ("P", "PA"):
+        img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
+    return img if img.mode == color else img.convert(color)
+
+
+def decode(data: bytes, *, max_pixels: int, pre: Preprocessing) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to a PIL image in ``pre.color``; returns it and the original (w, h) after EXIF orientation."""
+    img = open_image(data, max_pixels=max_pixels)
+    try:
+        exif_swaps = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+        original = (img.height, img.width) if exif_swaps else (img.width, img.height)
+        _draft_for(img, pre)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return canonical_mode(img, pre.color), original
+    except ServiceError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise image_too_large(f"image too large: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise undecodable(f"cannot decode image: {type(exc).__name__}: {str(exc)[:100]}") from None
+
+
+def _resize_size(w: int, h: int, pre: Preprocessing) -> tuple[int, int]:
+    """(width, height) after the resize step, torchvision's rule (shorter side → resize_size, long truncated)."""
+    if pre.resize_mode == "stretch":
+        return pre.input_size[1], pre.input_size[0]
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(pre.resize_size * long / short)
+    return (pre.resize_size, new_long) if w <= h else (new_long, pre.resize_size)
+
+
+def _center_crop(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """torchvision's CenterCrop on an (H, W[, C]) array: zero-pad when too small, then crop round((H - h) / 2)."""
+    h, w = arr.shape[:2]
+    if out_h > h or out_w > w:
+        pad_h, pad_w = max(out_h - h, 0), max(out_w - w, 0)
+        pads = [(pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)] + [(0, 0)] * (arr.ndim - 2)
+        arr = np.pad(arr, pads)
+        h, w = arr.shape[:2]
+    top, left = int(round((h - out_h) / 2.0)), int(round((w - out_w) / 2.0))
+    return arr[top:top + out_h, left:left + out_w]
+
+
+def to_model_input(img: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """PIL image in ``pre.color`` → normalised float32 (C, H, W): uint8 resize first, floats only at the end."""
+    size = _resize_size(img.width, img.height, pre)
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    arr = _center_crop(np.asarray(img), *pre.input_size)
+    arr = arr[:, :, None] if arr.ndim == 2 else arr
+    mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
+    return np.ascontiguousarray(((arr.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
+
+
+def preprocess(data: bytes, *, max_pixels: int, pre: Preprocessing) -> DecodedImage:
+    """The whole client-bytes → model-input path, run in the decode pool."""
+    img, (width, height) = decode(data, max_pixels=max_pixels, pre=pre)
+    return DecodedImage(to_model_input(img, pre), width, height, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def png_base64(mask: np.ndarray) -> str:
+    """uint8 (H, W) → base64 of an 8-bit greyscale PNG."""
+    buf = BytesIO()
+    Image.fromarray(np.ascontiguousarray(mask), mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A uint8 mask resized (bilinear) to an image's size, for overlays."""
+    return np.asarray(Image.fromarray(mask, mode="L").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def decode_base64(text: str) -> bytes:
+    """Strict base64 (or a ``data:image/...;base64,`` URI) → bytes; anything else is a 400."""
+    if not isinstance(text, str):
+        raise ServiceError(400, "bad_request", "each entry of 'images' must be a base64 string")
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ServiceError(400, "bad_request", "data: URIs must be base64 encoded (data:image/png;base64,...)")
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ServiceError(400, "bad_request", "invalid base64 in 'images'") from None

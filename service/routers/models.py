@@ -1,0 +1,33 @@
+"""What is served: name, version, architecture, attention, classes, input, training summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from ..inference import ModelRunner
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+def describe(runner: ModelRunner) -> dict[str, Any]:
+    meta = runner.meta
+    pre = meta.preprocessing
+    return {"name": runner.name, "version": meta.version, "arch": meta.arch["name"],
+            "attention": meta.arch.get("attention"), "num_classes": meta.num_classes, "classes": meta.class_names,
+            "input_size": list(pre.input_size), "color": pre.color,
+            "preprocessing": {"resize_mode": pre.resize_mode, "resize_size": pre.resize_size,
+                              "mean": list(pre.mean), "std": list(pre.std)},
+            "training": meta.training}
+
+
+@router.get("/models", summary="Every served model")
+async def list_models(request: Request) -> dict[str, Any]:
+    service = request.app.state.service
+    return {"default": service.default_model, "models": [describe(r) for r in service.runners.values()]}
+
+
+@router.get("/models/{name}", summary="One served model")
+async def get_model(request: Request, name: str) -> dict[str, Any]:
+    return describe(request.app.state.service.runner(name))

@@ -1,0 +1,49 @@
+"""TorchServe-compatible inference API: clients written for TorchServe work unchanged.
+
+``POST /predictions/{name}``: raw image body or multipart field ``data`` → ``{label: score}`` for the top 5
+(a list of such objects when several images were sent). ``POST /explanations/{name}``: the attention maps
+(one list of ``{module, height, width, png}`` per image; a single image gets its list directly).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from .. import formatting
+from ..inputs import read_images
+
+router = APIRouter(tags=["torchserve"])
+
+
+async def _classify(request: Request, name: str, *, attention: bool, route: str):
+    started = time.perf_counter()
+    service = request.app.state.service
+    runner = service.runner(name)
+    settings = service.settings
+    blobs = await read_images(request, field="data", max_images=settings.max_images_per_request,
+                              max_bytes=settings.max_body_bytes)
+    done = await service.classify(request, runner, blobs, attention=attention)
+    preds = await service.in_pool(partial(formatting.predictions, done, k=min(5, runner.meta.num_classes),
+                                          attention=attention, original_size=False))
+    service.audit.submit(formatting.audit_record(done, preds, route=route, started=started))
+    return preds
+
+
+def _one_or_list(items: list[Any]) -> Any:
+    return items[0] if len(items) == 1 else items
+
+
+@router.post("/predictions/{name}", summary="TorchServe-style prediction: {label: score} for the top 5")
+async def predictions(request: Request, name: str) -> Any:
+    preds = await _classify(request, name, attention=False, route="/predictions/{name}")
+    return _one_or_list([{t["label"]: t["score"] for t in p["top_k"]} for p in preds])
+
+
+@router.post("/explanations/{name}", summary="TorchServe-style explanation: the attention maps")
+async def explanations(request: Request, name: str) -> Any:
+    preds = await _classify(request, name, attention=True, route="/explanations/{name}")
+    return _one_or_list([p["attention"] for p in preds])

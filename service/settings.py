@@ -1,0 +1,68 @@
+"""Service settings: pydantic-settings, ``MACULA_*`` environment variables, read at startup (never at import).
+
+Every field is also a ``python -m service`` flag (``--max-batch-size 8``); a flag given on the command line wins
+over the environment, an absent flag leaves the environment (or the default) alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Batch defaults per device, from measurement (bench/; ResNet-18 @ 224, channels_last):
+# on the 2-core CPU box, images/s rise up to batch 4-8 and then flatten while latency keeps growing, so 8 is
+# the cap; the forward of one image takes tens of ms there, so waiting more than a few ms for company buys
+# nothing. A GPU keeps gaining up to batch 64+ and its forward is ~1-3 ms, so it caps higher and waits a bit
+# longer to fill a batch. The wait only ever happens while more images are being decoded (see batching.py).
+CPU_BATCH_DEFAULTS = (8, 3.0)  # (max_batch_size, max_batch_delay_ms)
+CUDA_BATCH_DEFAULTS = (64, 5.0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MACULA_", extra="ignore", protected_namespaces=())
+
+    model_dir: Path = Path("model_store")
+    default_model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = "auto"
+    amp_dtype: Literal["bfloat16", "float16", "none"] = "bfloat16"
+    channels_last: bool = True
+    torch_threads: int | None = Field(None, ge=1)
+    decode_threads: int | None = Field(None, ge=1)
+    max_batch_size: int | None = Field(None, ge=1)
+    max_batch_delay_ms: float | None = Field(None, ge=0)
+    max_queue: int = Field(256, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    audit_db: str = "macula_audit.db"
+    audit_max_records: int = Field(100_000, ge=1)
+    audit_max_age_days: float = Field(30.0, gt=0)
+    api_key: SecretStr | None = None
+    drain_timeout_s: float = Field(20.0, ge=0)
+    log_level: str = "info"
+
+    def resolved_device(self) -> str:
+        """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def batch_limits(self, device: str) -> tuple[int, float]:
+        """(max_batch_size, max_batch_delay_s): the configured values, else the device's measured defaults."""
+        size, delay_ms = CUDA_BATCH_DEFAULTS if device.startswith("cuda") else CPU_BATCH_DEFAULTS
+        size = self.max_batch_size or size
+        delay_ms = delay_ms if self.max_batch_delay_ms is None else self.max_batch_delay_ms
+        return size, delay_ms / 1000.0
+
+    def decode_workers(self) -> int:
+        import os
+
+        return self.decode_threads or min(4, os.cpu_count() or 1)
