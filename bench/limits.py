@@ -1,0 +1,113 @@
+"""The physical limit a server can reach on this machine: raw model throughput plus a plain per-image decode.
+
+``physical limit = 1 / (1 / best_raw_img_per_s + decode_s)``: the model at its best batch size and memory
+format (``torch.inference_mode``, all cores), plus a plain PIL decode -> resize 256 -> crop 224 -> normalise of
+the benchmark JPEG, both measured in the same run as the servers.
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from models import Preprocessing
+
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@dataclass
+class RawPoint:
+    batch_size: int
+    memory_format: str
+    img_per_s: float
+    ms_per_batch: float
+
+
+def time_forward(model: nn.Module, batch: torch.Tensor, *, min_time_s: float, min_iters: int = 3) -> float:
+    """Seconds per forward of ``batch``: two warm-up calls, then calls until ``min_time_s`` has passed."""
+    with torch.inference_mode():
+        for _ in range(2):
+            model(batch)
+        iters, start = 0, time.perf_counter()
+        while iters < min_iters or time.perf_counter() - start < min_time_s:
+            model(batch)
+            iters += 1
+        return (time.perf_counter() - start) / iters
+
+
+def raw_throughput(model: nn.Module, input_size: tuple[int, int], channels: int, *, batch_sizes: list[int],
+                   min_time_s: float = 1.0) -> list[RawPoint]:
+    """img/s of ``model`` for each batch size and memory format (random input: cost does not depend on it)."""
+    points = []
+    for name, memory_format in MEMORY_FORMATS.items():
+        model = model.to(memory_format=memory_format)
+        for batch_size in batch_sizes:
+            x = torch.randn(batch_size, channels, *input_size).to(memory_format=memory_format)
+            seconds = time_forward(model, x, min_time_s=min_time_s)
+            points.append(RawPoint(batch_size, name, batch_size / seconds, seconds * 1000))
+    model.to(memory_format=torch.contiguous_format)
+    return points
+
+
+def best(points: list[RawPoint]) -> RawPoint:
+    return max(points, key=lambda p: p.img_per_s)
+
+
+def raw_at_batch(points: list[RawPoint], batch_size: float) -> float:
+    """Best-format img/s at ``batch_size``, interpolated linearly between the measured batch sizes."""
+    by_size: dict[int, float] = {}
+    for p in points:
+        by_size[p.batch_size] = max(by_size.get(p.batch_size, 0.0), p.img_per_s)
+    sizes = sorted(by_size)
+    return float(np.interp(batch_size, sizes, [by_size[s] for s in sizes]))
+
+
+def plain_preprocess(data: bytes, pre: Preprocessing) -> torch.Tensor:
+    """The plain path a user writes: full PIL decode, PIL bilinear resize, crop, float normalise."""
+    image = Image.open(io.BytesIO(data)).convert(pre.color)
+    height, width = pre.input_size
+    if pre.resize_mode == "center_crop":
+        scale = pre.resize_size / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR)
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+    else:
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    x = x.unsqueeze(-1) if x.ndim == 2 else x
+    mean, std = torch.tensor(pre.mean), torch.tensor(pre.std)
+    return ((x - mean) / std).permute(2, 0, 1).contiguous()
+
+
+def decode_seconds(data: bytes, pre: Preprocessing, *, repeats: int = 50) -> float:
+    """Median seconds of ``plain_preprocess`` on ``data`` (after two warm-up calls)."""
+    for _ in range(2):
+        plain_preprocess(data, pre)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        plain_preprocess(data, pre)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def physical_limit(raw_img_per_s: float, decode_s: float) -> float:
+    return 1.0 / (1.0 / raw_img_per_s + decode_s)
+
+
+def measure(model: nn.Module, pre: Preprocessing, jpeg: bytes, *, batch_sizes: list[int], min_time_s: float,
+            decode_repeats: int = 50) -> dict:
+    """Raw points, decode cost and the physical limit of one model, as a JSON-ready dict."""
+    channels = 3 if pre.color == "RGB" else 1
+    points = raw_throughput(model, pre.input_size, channels, batch_sizes=batch_sizes, min_time_s=min_time_s)
+    decode_s = decode_seconds(jpeg, pre, repeats=decode_repeats)
+    top = best(points)
+    return {"torch_threads": torch.get_num_threads(), "raw": [asdict(p) for p in points], "best_raw": asdict(top),
+            "decode_ms": decode_s * 1000, "physical_limit_img_per_s": physical_limit(top.img_per_s, decode_s)}

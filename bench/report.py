@@ -1,0 +1,83 @@
+"""Turn a serving run into ratios (to the physical limit, to each peer), goal checks and a markdown table."""
+
+from __future__ import annotations
+
+from bench import limits
+from bench.limits import RawPoint
+
+GOAL_CONCURRENCY = 32
+
+
+def _same_point(rows: list[dict], model: str, concurrency: int) -> dict[str, dict]:
+    return {r["server"]: r for r in rows if r["model"] == model and r["concurrency"] == concurrency}
+
+
+def add_ratios(report: dict) -> None:
+    """Adds ``x_limit``, ``x_limit_at_batch`` (Macula) and ``x_peer`` to each row, and ``goals`` to the report."""
+    for row in report["rows"]:
+        model = report["models"][row["model"]]
+        row["x_limit"] = row["req_per_s"] / model["physical_limit_img_per_s"]
+        if row.get("mean_batch_size"):
+            points = [RawPoint(**p) for p in model["raw"]]
+            at_batch = limits.physical_limit(limits.raw_at_batch(points, row["mean_batch_size"]),
+                                             model["decode_ms"] / 1000)
+            row["x_limit_at_batch"] = row["req_per_s"] / at_batch
+        peers = _same_point(report["rows"], row["model"], row["concurrency"])
+        row["x_peer"] = {name: row["req_per_s"] / peer["req_per_s"] for name, peer in peers.items()
+                         if name != row["server"] and peer["req_per_s"] > 0}
+    report["goals"] = goals(report)
+
+
+def goals(report: dict) -> list[dict]:
+    """The issue's goals for Macula, per model: >= 0.9 x limit and >= 1.5 x LitServe at 32 clients, and a lone
+    client's median latency no worse than the naive server's."""
+    out = []
+    for model in report["models"]:
+        many = _same_point(report["rows"], model, GOAL_CONCURRENCY).get("macula")
+        alone = _same_point(report["rows"], model, 1)
+        if many:
+            out.append({"model": model, "goal": "x limit >= 0.9 @32", "value": many["x_limit"],
+                        "met": many["x_limit"] >= 0.9})
+            if "litserve" in many["x_peer"]:
+                value = many["x_peer"]["litserve"]
+                out.append({"model": model, "goal": "x LitServe >= 1.5 @32", "value": value, "met": value >= 1.5})
+        if "macula" in alone and "naive" in alone:
+            value = alone["macula"]["p50_ms"] / alone["naive"]["p50_ms"]
+            out.append({"model": model, "goal": "p50 @1 <= naive p50 (ratio <= 1)", "value": value,
+                        "met": value <= 1.0})
+    return out
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    servers = list(dict.fromkeys(r["server"] for r in report["rows"]))
+    env0, env1 = report["environment_before"], report.get("environment_after", {})
+    lines = [f"Run {env0['time_utc']} on {env0['cpus']} CPUs, torch {env0['torch']}; peers' batch: "
+             f"max {report['batch']['max_batch_size']}, delay {report['batch']['max_batch_delay_ms']} ms.",
+             f"Load before: `{env0['uptime']}`; after: `{env1.get('uptime', '')}`.", ""]
+    for key, model in report["models"].items():
+        top = model["best_raw"]
+        lines.append(f"- **{key}**: raw best {top['img_per_s']:.1f} img/s (batch {top['batch_size']}, "
+                     f"{top['memory_format']}), plain decode {model['decode_ms']:.2f} ms/img -> physical limit "
+                     f"**{model['physical_limit_img_per_s']:.1f} img/s**; reference top-1 {model['reference_top1']}")
+    peer_cols = [f"x {s}" for s in servers]
+    lines += ["", "| server | model | conc | req/s | p50 ms | p95 ms | p99 ms | errors | x limit | "
+              + " | ".join(peer_cols) + " | batch | wrk CPU | server CPU | top-1 ok |",
+              "|" + "---|" * (12 + len(peer_cols))]
+    for r in report["rows"]:
+        ok = r["top1"] == report["models"][r["model"]]["reference_top1"]
+        peers = [_fmt(r["x_peer"].get(s)) if s != r["server"] else "—" for s in servers]
+        lines.append(f"| {r['server']} | {r['model']} | {r['concurrency']} | {r['req_per_s']:.1f} | "
+                     f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['error_count']} | "
+                     f"{r['x_limit']:.2f} | " + " | ".join(peers) + f" | {_fmt(r.get('mean_batch_size'), 1)} | "
+                     f"{r['wrk_cpu_share']:.0%} | {r['server_cpu_share']:.0%} | {'yes' if ok else 'NO'} |")
+    if report.get("goals"):
+        lines += ["", "| goal (Macula) | model | value | met |", "|---|---|---|---|"]
+        lines += [f"| {g['goal']} | {g['model']} | {g['value']:.2f} | {'yes' if g['met'] else 'no'} |"
+                  for g in report["goals"]]
+    for failure in report["failures"]:
+        lines.append(f"\n**{failure['server']} / {failure['model']} did not run:** `{failure['error'][-500:]}`")
+    return "\n".join(lines) + "\n"
