@@ -1,0 +1,230 @@
+"""The monitoring stack against the real service: the app (create_app) serves a checkpoint on a loopback port,
+real requests go through it, and then
+
+- its /metrics passes ``promtool check metrics`` and contains every metric the dashboard and the alerts use;
+- a real Prometheus (Debian binary) scrapes it with deploy/prometheus/alerts.yml loaded: every alert rule
+  evaluates without error, every dashboard query runs, and the key panels have data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+import yaml
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import Settings
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "macula.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+METRIC = re.compile(r"\bmacula_[a-z0-9_]+")
+CUDA_ONLY = {"macula_gpu_memory_bytes"}
+CLIENT_OK = 'sum(macula_requests_total{status="200", route!~"/healthz|/readyz|/metrics"})'
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+            last = exc
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def loopback_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def running_service(model_dir: Path, audit_db: Path) -> Iterator[str]:
+    """create_app under uvicorn in a thread on a free loopback port; yields the base URL once /readyz is 200."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = Settings(model_dir=model_dir, audit_db=str(audit_db), device=device, torch_threads=1,
+                        decode_threads=1, drain_timeout_s=2)
+    sock = loopback_socket()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, 60, "the service to be ready")
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+
+
+@contextlib.contextmanager
+def prometheus(target: str, workdir: Path) -> Iterator[str]:
+    """The Debian Prometheus on loopback, scraping ``target`` every second with the project's alert rules."""
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus missing: apt-get install prometheus (make system-deps)"
+    config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+              "rule_files": [str(ALERTS)],
+              "scrape_configs": [{"job_name": "macula", "static_configs": [{"targets": [target]}]}]}
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = (workdir / "prometheus.log").open("wb")
+    process = subprocess.Popen([binary, f"--config.file={workdir / 'prometheus.yml'}",
+                                f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
+                                "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: process.poll() is None and httpx.get(f"{base}/-/ready", timeout=2).status_code == 200,
+                   30, "Prometheus to be ready")
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        log.close()
+
+
+def query(base: str, promql: str) -> list[dict]:
+    reply = httpx.get(f"{base}/api/v1/query", params={"query": promql}, timeout=5)
+    body = reply.json()
+    assert reply.status_code == 200 and body["status"] == "success", (promql, body)
+    return body["data"]["result"]
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((40, 36), 40 + seed).convert("L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def send_traffic(base: str) -> None:
+    """Successful predictions (concurrent, so batches form) and one of each common client error."""
+    with httpx.Client(base_url=base, timeout=30) as client:
+        def predict(i: int) -> httpx.Response:
+            return client.post("/v1/predict", files=[("file", (f"{i}.png", png(i), "image/png"))] * 2)
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(predict, range(6)))
+        assert [a.status_code for a in answers] == [200] * 6
+        named = client.post("/v1/models/demo/predict", content=png(9), headers={"Content-Type": "image/png"})
+        assert named.status_code == 200
+        assert client.get(f"/v1/predictions/{named.json()['id']}").status_code == 200
+        as_png = {"Content-Type": "image/png"}
+        assert client.post("/v1/predict", content=b"GIF89a", headers={"Content-Type": "image/gif"}).status_code == 415
+        assert client.post("/v1/models/nope/predict", content=png(1), headers=as_png).status_code == 404
+        assert client.post("/v1/predict", content=b"not a png", headers=as_png).status_code == 422
+
+
+def used_metric_names() -> set[str]:
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    exprs += [r["expr"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+    return {name for expr in exprs for name in METRIC.findall(expr)}
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return {p["title"]: [t["expr"].replace("$__rate_interval", "30s").replace("$instance", ".*")
+                         .replace("$model", ".*") for t in p["targets"]] for p in panels}
+
+
+@pytest.fixture(scope="module")
+def stack(gray_checkpoint, tmp_path_factory) -> Iterator[dict]:
+    """The service after traffic, scraped by Prometheus for a few seconds."""
+    models = tmp_path_factory.mktemp("model_store")
+    shutil.copy(gray_checkpoint, models / "demo.safetensors")
+    work = tmp_path_factory.mktemp("stack")
+    with running_service(models, work / "audit.db") as base:
+        target = base.removeprefix("http://")
+        with prometheus(target, work) as prom:
+            wait_until(lambda: query(prom, "up")[0]["value"][1] == "1", 20, "the first scrape")
+            send_traffic(base)
+            time.sleep(2)  # at least one scrape between the two waves, so rates are positive
+            send_traffic(base)
+            wait_until(lambda: float(query(prom, CLIENT_OK)[0]["value"][1]) >= 16,
+                       20, "the second wave in Prometheus")
+            time.sleep(1.5)
+            yield {"base": base, "prometheus": prom, "scrape": httpx.get(f"{base}/metrics", timeout=5).text}
+
+
+def test_scrape_passes_promtool_check_metrics(stack):
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool missing: apt-get install prometheus (make system-deps)"
+    result = subprocess.run([promtool, "check", "metrics"], input=stack["scrape"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_metric_the_dashboard_and_alerts_use_is_scraped(stack):
+    scraped = {s.name for family in text_string_to_metric_families(stack["scrape"]) for s in family.samples}
+    expected = used_metric_names() - (set() if torch.cuda.is_available() else CUDA_ONLY)
+    assert expected - scraped == set()
+    assert len(expected) >= 12
+
+
+def test_prometheus_loaded_every_alert_rule_and_evaluates_it_cleanly(stack):
+    def evaluated_rules() -> list[dict]:
+        groups = httpx.get(f"{stack['prometheus']}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        return rules if rules and all(r["lastEvaluation"] > "2000" for r in rules) else []
+
+    rules = wait_until(evaluated_rules, 10, "every rule evaluated")
+    alerts = {rule["alert"] for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]}
+    assert {rule["name"] for rule in rules} == alerts
+    assert all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+
+
+def test_alerts_react_to_the_live_traffic(stack):
+    """3 of every 11 client requests were 4xx (27% > 20%): that alert is pending (its `for:` is 15 min);
+    nothing fires, and the 5xx alert, with no 5xx at all, stays silent."""
+    pending = 'ALERTS{alertname="MaculaHigh4xxRatio", alertstate="pending"}'
+    wait_until(lambda: query(stack["prometheus"], pending), 15, "the 4xx-ratio alert to be pending")
+    assert query(stack["prometheus"], 'ALERTS{alertstate="firing"}') == []
+    assert query(stack["prometheus"], 'ALERTS{alertname="MaculaHigh5xxRatio"}') == []
+
+
+def test_every_dashboard_query_runs_and_the_key_panels_have_data(stack):
+    results = {title: [query(stack["prometheus"], expr) for expr in exprs]
+               for title, exprs in dashboard_queries().items()}
+    statuses = {r["metric"]["status"] for r in results["Request rate by status"][0]}
+    assert {"200", "404", "415", "422"} <= statuses
+    reasons = {r["metric"]["reason"] for r in results["Rejections by reason"][0]}
+    assert {"unsupported_format", "not_found", "bad_input"} <= reasons
+    assert results["Readiness"][0][0]["value"][1] == "1"
+    assert results["Models served"][0][0]["metric"]["name"] == "demo"
+    for title in ("Batch size distribution", "Top-1 confidence distribution"):
+        buckets = {r["metric"]["le"]: float(r["value"][1]) for r in results[title][0]}
+        assert "+Inf" in buckets and buckets["+Inf"] > 0, title
+    p99 = float(results["Request latency p50 / p95 / p99"][2][0]["value"][1])
+    assert 0 < p99 < 30
+    if torch.cuda.is_available():
+        assert results["GPU memory"][0], "no GPU memory series on a CUDA device"
