@@ -11,8 +11,9 @@ rules for inputs the training pipeline never sees:
 * 16-bit greyscale (``I;16*``, ``I``) is scaled to 8 bits (v / 257, rounded) instead of Pillow's clipping.
 * CMYK uses Pillow's CMYK → RGB conversion; ``1`` (bilevel) becomes 0/255.
 * Animated WebP / APNG: the first frame.
-* Large JPEGs are decoded at reduced scale (``Image.draft``, DCT scaling) but never below twice the size the
-  model needs, so the final antialiased resize still sees at least 2× the pixels.
+* Large JPEGs are decoded at reduced scale (``Image.draft``, DCT scaling) but never below 4× the size the
+  model needs, so the final antialiased resize still sees ≥ 4× the pixels (at 2× the DCT scaling showed
+  through: up to 0.26 after normalisation vs the full decode; at 4×, ≤ 0.055, mostly one grey level).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .errors import ServiceError, image_too_large, undecodable, unsupported
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 ALLOWED_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+DRAFT_MARGIN = 4
 
 
 @dataclass(frozen=True)
@@ -89,10 +91,10 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
 
 
 def _draft_for(img: Image.Image, pre: Preprocessing) -> None:
-    """Ask the JPEG decoder for a DCT-scaled image no smaller than twice what the resize needs."""
+    """Ask the JPEG decoder for a DCT-scaled image no smaller than 4× what the resize needs."""
     if img.format != "JPEG":
         return
-    needed = 2 * max(*pre.input_size, pre.resize_size if pre.resize_mode == "center_crop" else 0)
+    needed = DRAFT_MARGIN * max(*pre.input_size, pre.resize_size if pre.resize_mode == "center_crop" else 0)
     scale = needed / min(img.size)
     if scale < 0.5:
         img.draft("L" if pre.color == "L" else "RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))

@@ -1,0 +1,69 @@
+"""Helpers for the service's integration tests: run the app with its lifespan, talk to it through httpx."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import Settings
+
+
+def model_dir_with(target: Path, **checkpoints: Path) -> Path:
+    """A model dir holding copies of ``checkpoints`` under the given names."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name, path in checkpoints.items():
+        shutil.copy(path, target / f"{name}.safetensors")
+    return target
+
+
+@asynccontextmanager
+async def serving(model_dir: Path, tmp_path: Path, **overrides) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app with its lifespan running (models loaded and warmed up) and an httpx client on it."""
+    settings = Settings(model_dir=model_dir, audit_db=str(tmp_path / "audit.db"), device="cpu",
+                        **{"max_batch_size": 8, "max_batch_delay_ms": 5, **overrides})
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://macula.test", timeout=60) as client:
+            yield app, client
+
+
+def image_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def noise_image(seed: int, size: int = 40, mode: str = "RGB") -> Image.Image:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode)
+
+
+def metric_samples(text: str, name: str) -> dict[tuple, float]:
+    """``{(label items...): value}`` of one sample name in a Prometheus scrape."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+def assert_same_predictions(got: list[dict], expected: list[dict], atol: float = 1e-4) -> None:
+    """Same classes in the same order with scores within ``atol`` (batch composition may move the last bits)."""
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected, strict=True):
+        assert [t["index"] for t in g["top_k"]] == [t["index"] for t in e["top_k"]]
+        for gt, et in zip(g["top_k"], e["top_k"], strict=True):
+            assert abs(gt["score"] - et["score"]) <= atol, (gt, et)

@@ -1,0 +1,179 @@
+"""The codec: every image mode decodes deterministically, the result matches the training eval transform,
+and hostile files are refused with the right error before any pixel is decoded."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from models import Preprocessing
+from service.codec import decode_base64, png_base64, preprocess
+from service.errors import ServiceError
+
+RGB_PRE = Preprocessing(input_size=(64, 64), resize_mode="center_crop", resize_size=72)
+GRAY_PRE = Preprocessing(input_size=(32, 32), resize_mode="stretch", resize_size=32, mean=(0.5,), std=(0.25,),
+                         color="L")
+LIMIT = 40_000_000
+# PIL's and torchvision's antialiased uint8 resizes may differ by one grey level: 1 / 255 / std.
+ONE_LEVEL = 1 / 255 / 0.224 + 1e-4
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def reference(blob: bytes, pre: Preprocessing) -> np.ndarray:
+    return pre.eval_transform()(Image.open(io.BytesIO(blob))).numpy()
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    return Image.fromarray(data.chelsea())  # 451 x 300, RGB
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "LA", "1"])
+@pytest.mark.parametrize("pre", [RGB_PRE, GRAY_PRE], ids=["rgb", "gray"])
+def test_png_modes_match_the_eval_transform(photo, mode, pre):
+    blob = encode(photo.convert(mode))
+    out = preprocess(blob, max_pixels=LIMIT, pre=pre)
+    expected = reference(blob, pre)
+    assert out.array.shape == expected.shape == (len(pre.mean), *pre.input_size)
+    assert out.array.dtype == np.float32
+    assert np.abs(out.array - expected).max() <= ONE_LEVEL
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_jpeg_and_webp_match_the_eval_transform(photo, fmt):
+    blob = encode(photo, fmt, quality=90)
+    assert np.abs(preprocess(blob, max_pixels=LIMIT, pre=RGB_PRE).array - reference(blob, RGB_PRE)).max() \
+        <= ONE_LEVEL
+
+
+def test_cmyk_jpeg_is_converted_like_pillow_does(photo):
+    blob = encode(photo.convert("CMYK"), "JPEG", quality=95)
+    pre = Preprocessing(input_size=(224, 224), resize_size=256)  # large enough that no draft scaling kicks in
+    out = preprocess(blob, max_pixels=LIMIT, pre=pre)
+    assert np.abs(out.array - reference(blob, pre)).max() <= ONE_LEVEL
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    camera = data.camera()  # uint8
+    blob16 = encode(Image.fromarray(camera.astype(np.uint16) * 257))
+    assert Image.open(io.BytesIO(blob16)).mode.startswith("I")
+    out16 = preprocess(blob16, max_pixels=LIMIT, pre=GRAY_PRE).array
+    out8 = preprocess(encode(Image.fromarray(camera)), max_pixels=LIMIT, pre=GRAY_PRE).array
+    np.testing.assert_array_equal(out16, out8)
+
+
+@pytest.mark.parametrize("pre", [RGB_PRE, GRAY_PRE], ids=["rgb", "gray"])
+def test_one_pixel_image(pre):
+    out = preprocess(encode(Image.new("RGB", (1, 1), (200, 100, 50))), max_pixels=LIMIT, pre=pre)
+    assert out.array.shape == (len(pre.mean), *pre.input_size) and np.isfinite(out.array).all()
+    assert (out.width, out.height) == (1, 1)
+    assert np.ptp(out.array, axis=(1, 2)).max() == 0  # a uniform image stays uniform
+
+
+def test_palette_with_transparency_keeps_the_palette_colour():
+    img = Image.new("P", (8, 8), 1)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    img.info["transparency"] = 0
+    out = preprocess(encode(img, transparency=0), max_pixels=LIMIT, pre=RGB_PRE)
+    mean, std = np.array(RGB_PRE.mean), np.array(RGB_PRE.std)
+    np.testing.assert_allclose(out.array[:, 0, 0], (np.array([1.0, 0.0, 0.0]) - mean) / std, atol=1e-5)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 20, 20))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the white half ends up on top
+    blob = encode(img, "JPEG", exif=exif.tobytes(), quality=95)
+    pre = Preprocessing(input_size=(40, 20), resize_mode="stretch", resize_size=40, mean=(0.0,), std=(1.0,),
+                        color="L")
+    out = preprocess(blob, max_pixels=LIMIT, pre=pre)
+    assert (out.width, out.height) == (20, 40)
+    assert out.array[0, :15].mean() > 0.9 and out.array[0, 25:].mean() < 0.1
+
+
+def test_large_jpeg_decoded_at_reduced_scale_stays_close(photo):
+    big = photo.resize((photo.width * 4, photo.height * 4), Image.Resampling.BICUBIC)
+    blob = encode(big, "JPEG", quality=95)
+    diff = np.abs(preprocess(blob, max_pixels=LIMIT, pre=RGB_PRE).array - reference(blob, RGB_PRE))
+    assert diff.mean() < 0.005 and diff.max() < 0.06
+
+
+def test_animated_webp_uses_its_first_frame():
+    frames = [Image.new("RGB", (16, 16), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    out = preprocess(buf.getvalue(), max_pixels=LIMIT, pre=RGB_PRE)
+    assert out.array[0].mean() > out.array[2].mean()  # red, not blue
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels but carries almost no data: a cheap 'bomb'."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def _tiff(photo):
+    return encode(photo, "TIFF", save_all=True, append_images=[photo])
+
+
+HOSTILE = {
+    "empty": (lambda p: b"", 400, "bad_request"),
+    "random bytes": (lambda p: np.random.default_rng(0).bytes(4096), 422, "undecodable_image"),
+    "truncated jpeg": (lambda p: encode(p, "JPEG")[:2000], 422, "undecodable_image"),
+    "png bomb 20000x20000": (lambda p: png_header_only(20000, 20000), 413, "image_too_large"),
+    "gif": (lambda p: encode(p, "GIF"), 415, "unsupported_media_type"),
+    "multipage tiff": (_tiff, 415, "unsupported_media_type"),
+    "eps": (lambda p: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n", 415,
+            "unsupported_media_type"),
+    "bmp": (lambda p: encode(p, "BMP"), 415, "unsupported_media_type"),
+    "corrupt png body": (lambda p: png_header_only(64, 64), 422, "undecodable_image"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_files_are_refused(photo, case):
+    make, status, code = HOSTILE[case]
+    with pytest.raises(ServiceError) as info:
+        preprocess(make(photo), max_pixels=LIMIT, pre=RGB_PRE)
+    assert (info.value.status, info.value.code) == (status, code), info.value.detail
+
+
+def test_pixel_limit_is_checked_from_the_header():
+    with pytest.raises(ServiceError) as info:
+        preprocess(encode(Image.new("L", (100, 100))), max_pixels=9_999, pre=GRAY_PRE)
+    assert info.value.status == 413
+
+
+def test_strict_base64():
+    raw = encode(Image.new("L", (2, 2)))
+    text = base64.b64encode(raw).decode()
+    assert decode_base64(text) == raw
+    assert decode_base64("data:image/png;base64," + text) == raw
+    for bad in (text[:-2] + "!!", "not base64 at all", "data:image/png," + text, text + "\n"):
+        with pytest.raises(ServiceError) as info:
+            decode_base64(bad)
+        assert info.value.status == 400
+
+
+def test_mask_png_is_8_bit_grey_with_the_exact_values():
+    mask = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    img = Image.open(io.BytesIO(base64.b64decode(png_base64(mask))))
+    assert img.format == "PNG" and img.mode == "L" and img.size == (8, 6)
+    np.testing.assert_array_equal(np.asarray(img), mask)
