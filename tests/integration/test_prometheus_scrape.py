@@ -1,13 +1,17 @@
 """A real Prometheus server scrapes our /metrics and answers queries about what it saw.
 
-Proves the exposition (content type included) is what Prometheus itself ingests, not just what
-promtool lints. Prometheus (Debian package ``prometheus``) runs on a free loopback port with a
-throw-away TSDB and a 1 s scrape interval; every wait is bounded and the process is always killed.
+One Prometheus (Debian package ``prometheus``, free loopback port, throw-away TSDB, 1 s scrapes)
+scrapes two targets: a bare http.server exposing a hand-fed :class:`Metrics` (exact values, no app in
+the way) and the real service (``create_app`` under uvicorn) after a known amount of predict traffic,
+so every count Prometheus reports can be checked exactly. Every wait is bounded; every process and
+thread is stopped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import shutil
 import socket
 import subprocess
 import threading
@@ -18,8 +22,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
+from PIL import Image
 
+from service.app import create_app
 from service.metrics import Metrics
+from service.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -50,7 +58,7 @@ def wait_until(check: Callable[[], object], timeout: float, what: str) -> object
             result = check()
             if result:
                 return result
-        except (httpx.HTTPError, KeyError, ValueError) as exc:
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
             last_error = exc
         time.sleep(0.25)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error!r})")
@@ -123,23 +131,108 @@ def metrics_only_target(metrics: Metrics) -> Iterator[str]:
         thread.join(timeout=5)
 
 
-def test_prometheus_ingests_the_exposition(tmp_path):
+@contextlib.contextmanager
+def service_target(model_dir: Path, audit_db: Path) -> Iterator[str]:
+    """The real app under uvicorn in a thread on a free loopback port; yields host:port once ready."""
+    settings = Settings(model_dir=model_dir, audit_db=str(audit_db), device="cpu", torch_threads=1,
+                        decode_threads=1, max_batch_size=4, drain_timeout_s=2)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    target = f"127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        wait_until(lambda: httpx.get(f"http://{target}/readyz", timeout=2).status_code == 200, 60,
+                   "the service to be ready")
+        yield target
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
+
+
+def png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((36, 30), 30 + seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# Traffic sent to the real service: REQUESTS predict calls with IMAGES_PER_REQUEST images each, then one 415.
+REQUESTS, IMAGES_PER_REQUEST = 3, 2
+
+
+def send_predictions(target: str) -> list[dict]:
+    with httpx.Client(base_url=f"http://{target}", timeout=30) as client:
+        answers = [client.post("/v1/models/gray/predict", params={"top_k": 3},
+                               files=[("file", (f"{i}-{j}.png", png(i + j), "image/png"))
+                                      for j in range(IMAGES_PER_REQUEST)]) for i in range(REQUESTS)]
+        assert [a.status_code for a in answers] == [200] * REQUESTS, [a.text for a in answers]
+        gif = client.post("/v1/predict", content=b"GIF89a", headers={"Content-Type": "image/gif"})
+        assert gif.status_code == 415
+    return [a.json() for a in answers]
+
+
+def fed_metrics() -> Metrics:
+    """A Metrics with known observations for the bare target."""
     metrics = Metrics()
     metrics.set_model_info("demo", "0123456789ab", "resnet20", "cbam")
     metrics.set_ready(True)
-    with metrics_only_target(metrics) as target, prometheus([target], tmp_path) as base:
-        wait_until(lambda: scraped_value(base, f'up{{instance="{target}"}}') == 1, 20, "the first scrape")
-        for status in (200, 200, 200, 415):
-            metrics.observe_request("/v1/predict", "POST", status, 0.02)
-        metrics.observe_batch("demo", 3, 0.05)
-        metrics.reject("unsupported_format")
+    for status in (200, 200, 200, 415):
+        metrics.observe_request("/v1/predict", "POST", status, 0.02)
+    metrics.observe_batch("demo", 3, 0.05)
+    metrics.reject("unsupported_format")
+    return metrics
 
-        ok = 'macula_requests_total{route="/v1/predict",method="POST",status="200"}'
-        wait_until(lambda: scraped_value(base, ok) == 3, 20, "3 requests with status 200 in Prometheus")
-        assert scraped_value(base, 'macula_requests_total{status="415"}') == 1
-        assert scraped_value(base, 'macula_rejections_total{reason="unsupported_format"}') == 1
-        assert scraped_value(base, 'macula_batch_size_count{model="demo"}') == 1
-        assert scraped_value(base, 'macula_model_info{name="demo",attention="cbam"}') == 1
-        assert scraped_value(base, "macula_ready") == 1
-        median = scraped_value(base, "histogram_quantile(0.5, sum by (le) (macula_request_duration_seconds_bucket))")
-        assert median is not None and 0.01 < median <= 0.025
+
+@pytest.fixture(scope="module")
+def scraped(gray_checkpoint, tmp_path_factory) -> Iterator[dict]:
+    """Prometheus after it has scraped both targets, the service after its traffic."""
+    models = tmp_path_factory.mktemp("model_store")
+    shutil.copy(gray_checkpoint, models / "gray.safetensors")
+    work = tmp_path_factory.mktemp("prometheus")
+    with (metrics_only_target(fed_metrics()) as bare, service_target(models, work / "audit.db") as app,
+          prometheus([bare, app], work) as prom):
+        answers = send_predictions(app)
+        ok = f'macula_requests_total{{instance="{app}",route="/v1/models/{{name}}/predict",status="200"}}'
+        wait_until(lambda: scraped_value(prom, ok) == REQUESTS, 30, "the predictions in Prometheus")
+        wait_until(lambda: scraped_value(prom, f'up{{instance="{bare}"}}') == 1, 10, "a scrape of the bare target")
+        yield {"prometheus": prom, "bare": bare, "app": app, "answers": answers}
+
+
+def test_prometheus_ingests_the_bare_exposition(scraped):
+    prom, on = scraped["prometheus"], f'instance="{scraped["bare"]}"'
+    assert scraped_value(prom, f'macula_requests_total{{{on},route="/v1/predict",method="POST",status="200"}}') == 3
+    assert scraped_value(prom, f'macula_requests_total{{{on},status="415"}}') == 1
+    assert scraped_value(prom, f'macula_rejections_total{{{on},reason="unsupported_format"}}') == 1
+    assert scraped_value(prom, f'macula_batch_size_sum{{{on},model="demo"}}') == 3
+    assert scraped_value(prom, f'macula_model_info{{{on},name="demo",attention="cbam"}}') == 1
+    assert scraped_value(prom, f"macula_ready{{{on}}}") == 1
+    median = f"histogram_quantile(0.5, sum by (le) (macula_request_duration_seconds_bucket{{{on}}}))"
+    assert 0.01 < scraped_value(prom, median) <= 0.025
+
+
+def test_prometheus_counts_the_service_traffic_exactly(scraped):
+    prom, on = scraped["prometheus"], f'instance="{scraped["app"]}"'
+    images = REQUESTS * IMAGES_PER_REQUEST
+    assert scraped_value(prom, f'up{{{on}}}') == 1
+    assert scraped_value(prom, f'macula_images_total{{{on},model="gray"}}') == images
+    assert scraped_value(prom, f'macula_top1_confidence_count{{{on},model="gray"}}') == images
+    assert scraped_value(prom, f'macula_preprocess_duration_seconds_count{{{on},model="gray"}}') == images
+    assert scraped_value(prom, f'macula_requests_total{{{on},route="/v1/predict",status="415"}}') == 1
+    assert scraped_value(prom, f'macula_rejections_total{{{on},reason="unsupported_format"}}') == 1
+    assert scraped_value(prom, f'macula_model_info{{{on},name="gray",arch="resnet20",attention="cbam"}}') == 1
+    assert scraped_value(prom, f"macula_ready{{{on}}}") == 1
+    # warm-up batches run before traffic, so the batch-size histogram holds at least the real images
+    assert scraped_value(prom, f'macula_batch_size_sum{{{on},model="gray"}}') >= images
+
+
+def test_audit_writes_reach_prometheus_and_records_match_responses(scraped):
+    prom, app, on = scraped["prometheus"], scraped["app"], f'instance="{scraped["app"]}"'
+    written = f"macula_audit_records_written_total{{{on}}}"
+    wait_until(lambda: scraped_value(prom, written) == REQUESTS, 10, "every audit record counted")
+    assert scraped_value(prom, f"macula_audit_write_failures_total{{{on}}}") == 0
+    for answer in scraped["answers"]:
+        record = httpx.get(f"http://{app}/v1/predictions/{answer['id']}", timeout=5).json()
+        assert record["model"] == answer["model"]
+        assert [image["top_k"] for image in record["images"]] == [p["top_k"] for p in answer["predictions"]]
