@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,12 @@ def test_load_balancer_lets_the_service_answer_413_itself():
     timeout = re.search(r"proxy_read_timeout (\d+)s;", conf)
     assert timeout and int(timeout[1]) > default('request_timeout_s')
     assert "server macula:8000" in conf
+
+
+def test_each_replica_writes_its_own_audit_file():
+    """The override's entrypoint, as compose passes it ($$ → $) to /bin/sh, names the file after the container."""
+    entrypoint = load_compose("docker-compose.replicas.yml")["services"]["macula"]["entrypoint"]
+    assert entrypoint[:2] == ["/bin/sh", "-c"] and entrypoint[2].startswith("exec python -m service ")
+    script = entrypoint[2].replace("$$", "$").replace("exec python -m service", "printf '%s\\n'", 1)
+    args = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert args == ["--audit-db", f"/data/macula_audit-{Path('/etc/hostname').read_text().strip()}.db"]
