@@ -122,7 +122,7 @@ def test_load_balancer_lets_the_service_answer_413_itself():
     assert limit and int(limit[1]) * 1024 * 1024 > default('max_body_bytes')
     timeout = re.search(r"proxy_read_timeout (\d+)s;", conf)
     assert timeout and int(timeout[1]) > default('request_timeout_s')
-    assert "server macula:8000" in conf
+    assert "set $macula http://macula:8000;" in conf and "proxy_pass $macula;" in conf
 
 
 def test_each_replica_writes_its_own_audit_file():
