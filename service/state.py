@@ -135,16 +135,18 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
     async def _decode(self, runner: ModelRunner, data: bytes) -> DecodedImage:
-        start = time.perf_counter()
-        decoded = await self.in_pool(_preprocess, data, self.settings.max_image_pixels, runner)
-        self.metrics.observe_preprocess(runner.name, time.perf_counter() - start)
+        decoded, seconds = await self.in_pool(_timed_preprocess, data, self.settings.max_image_pixels, runner)
+        self.metrics.observe_preprocess(runner.name, seconds)
         return decoded
+
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise not_ready()
 
     async def classify(self, request: Request, runner: ModelRunner, blobs: list[bytes], *,
                        attention: bool) -> Classified:
         """Decode ``blobs`` in the pool, queue them, await their results (or the client leaving)."""
-        if not self.accepting:
-            raise not_ready()
+        self.check_accepting()
         self.batcher.reserve(runner.name, len(blobs))
         try:
             images = await asyncio.gather(*(self._decode(runner, b) for b in blobs))
@@ -157,8 +159,11 @@ class Service:
         return Classified(runner, images, results)
 
 
-def _preprocess(data: bytes, max_pixels: int, runner: ModelRunner) -> DecodedImage:
-    return preprocess(data, max_pixels=max_pixels, pre=runner.meta.preprocessing)
+def _timed_preprocess(data: bytes, max_pixels: int, runner: ModelRunner) -> tuple[DecodedImage, float]:
+    """Decode + preprocess one image in the pool; the time excludes waiting for a pool thread."""
+    start = time.perf_counter()
+    decoded = preprocess(data, max_pixels=max_pixels, pre=runner.meta.preprocessing)
+    return decoded, time.perf_counter() - start
 
 
 async def _wait_disconnect(request: Request) -> None:

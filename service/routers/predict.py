@@ -24,17 +24,19 @@ IMAGE_BODY = {"requestBody": {"required": True, "content": {
         "images": {"type": "array", "items": {"type": "string", "description": "base64 or data: URI"}}}}},
 }}}
 
-TopK = Query(5, description="how many classes to return, 1..num_classes")
+TopK = Query(None, description="how many classes to return, 1..num_classes (default 5, or all if fewer)")
 Attention = Query(False, description="also return each attention module's spatial map as a PNG")
 AttentionSize = Query("feature", description="'original': each map also resized to the input image's size")
 
 
-async def predict_images(request: Request, name: str | None, *, top_k: int, attention: bool,
+async def predict_images(request: Request, name: str | None, *, top_k: int | None, attention: bool,
                          attention_size: str, route: str) -> dict[str, Any]:
     """The predict flow shared by both routes: validate, read, classify, format, audit."""
     started = time.perf_counter()
     service = request.app.state.service
+    service.check_accepting()
     runner = service.runner(name)
+    top_k = min(5, runner.meta.num_classes) if top_k is None else top_k
     if not 1 <= top_k <= runner.meta.num_classes:
         raise invalid_parameter(f"top_k must be between 1 and {runner.meta.num_classes}, got {top_k}")
     settings = service.settings
@@ -48,14 +50,14 @@ async def predict_images(request: Request, name: str | None, *, top_k: int, atte
 
 
 @router.post("/models/{name}/predict", summary="Classify images with a named model", openapi_extra=IMAGE_BODY)
-async def predict_named(request: Request, name: str, top_k: int = TopK, attention: bool = Attention,
+async def predict_named(request: Request, name: str, top_k: int | None = TopK, attention: bool = Attention,
                         attention_size: Literal["feature", "original"] = AttentionSize) -> dict[str, Any]:
     return await predict_images(request, name, top_k=top_k, attention=attention, attention_size=attention_size,
                                 route="/v1/models/{name}/predict")
 
 
 @router.post("/predict", summary="Classify images with the default model", openapi_extra=IMAGE_BODY)
-async def predict_default(request: Request, top_k: int = TopK, attention: bool = Attention,
+async def predict_default(request: Request, top_k: int | None = TopK, attention: bool = Attention,
                           attention_size: Literal["feature", "original"] = AttentionSize) -> dict[str, Any]:
     return await predict_images(request, None, top_k=top_k, attention=attention, attention_size=attention_size,
                                 route="/v1/predict")

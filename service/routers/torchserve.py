@@ -22,6 +22,7 @@ router = APIRouter(tags=["torchserve"])
 async def _classify(request: Request, name: str, *, attention: bool, route: str):
     started = time.perf_counter()
     service = request.app.state.service
+    service.check_accepting()
     runner = service.runner(name)
     settings = service.settings
     blobs = await read_images(request, field="data", max_images=settings.max_images_per_request,
