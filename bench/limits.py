@@ -28,6 +28,7 @@ class RawPoint:
     memory_format: str
     img_per_s: float
     ms_per_batch: float
+    threads: int = 0  # torch intra-op threads it ran with
 
 
 def time_forward(model: nn.Module, batch: torch.Tensor, *, min_time_s: float, min_iters: int = 3) -> float:
@@ -43,15 +44,20 @@ def time_forward(model: nn.Module, batch: torch.Tensor, *, min_time_s: float, mi
 
 
 def raw_throughput(model: nn.Module, input_size: tuple[int, int], channels: int, *, batch_sizes: list[int],
-                   min_time_s: float = 1.0) -> list[RawPoint]:
-    """img/s of ``model`` for each batch size and memory format (random input: cost does not depend on it)."""
-    points = []
-    for name, memory_format in MEMORY_FORMATS.items():
-        model = model.to(memory_format=memory_format)
-        for batch_size in batch_sizes:
-            x = torch.randn(batch_size, channels, *input_size).to(memory_format=memory_format)
-            seconds = time_forward(model, x, min_time_s=min_time_s)
-            points.append(RawPoint(batch_size, name, batch_size / seconds, seconds * 1000))
+                   min_time_s: float = 1.0, thread_counts: list[int] | None = None) -> list[RawPoint]:
+    """img/s of ``model`` for each thread count, memory format and batch size (random input: the cost does not
+    depend on it). Fewer threads than cores can win on a shared machine, where a 2-thread OpenMP barrier
+    waits for a descheduled thread."""
+    points, restore = [], torch.get_num_threads()
+    for threads in thread_counts or [restore]:
+        torch.set_num_threads(threads)
+        for name, memory_format in MEMORY_FORMATS.items():
+            model = model.to(memory_format=memory_format)
+            for batch_size in batch_sizes:
+                x = torch.randn(batch_size, channels, *input_size).to(memory_format=memory_format)
+                seconds = time_forward(model, x, min_time_s=min_time_s)
+                points.append(RawPoint(batch_size, name, batch_size / seconds, seconds * 1000, threads))
+    torch.set_num_threads(restore)
     model.to(memory_format=torch.contiguous_format)
     return points
 
@@ -61,7 +67,7 @@ def best(points: list[RawPoint]) -> RawPoint:
 
 
 def raw_at_batch(points: list[RawPoint], batch_size: float) -> float:
-    """Best-format img/s at ``batch_size``, interpolated linearly between the measured batch sizes."""
+    """Best img/s (any format, thread count) at ``batch_size``, interpolated between the measured sizes."""
     by_size: dict[int, float] = {}
     for p in points:
         by_size[p.batch_size] = max(by_size.get(p.batch_size, 0.0), p.img_per_s)
@@ -103,10 +109,11 @@ def physical_limit(raw_img_per_s: float, decode_s: float) -> float:
 
 
 def measure(model: nn.Module, pre: Preprocessing, jpeg: bytes, *, batch_sizes: list[int], min_time_s: float,
-            decode_repeats: int = 50) -> dict:
+            thread_counts: list[int] | None = None, decode_repeats: int = 50) -> dict:
     """Raw points, decode cost and the physical limit of one model, as a JSON-ready dict."""
     channels = 3 if pre.color == "RGB" else 1
-    points = raw_throughput(model, pre.input_size, channels, batch_sizes=batch_sizes, min_time_s=min_time_s)
+    points = raw_throughput(model, pre.input_size, channels, batch_sizes=batch_sizes, min_time_s=min_time_s,
+                            thread_counts=thread_counts)
     decode_s = decode_seconds(jpeg, pre, repeats=decode_repeats)
     top = best(points)
     return {"torch_threads": torch.get_num_threads(), "raw": [asdict(p) for p in points], "best_raw": asdict(top),

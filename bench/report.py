@@ -61,7 +61,8 @@ def markdown(report: dict) -> str:
     for key, model in report["models"].items():
         top = model["best_raw"]
         lines.append(f"- **{key}**: raw best {top['img_per_s']:.1f} img/s (batch {top['batch_size']}, "
-                     f"{top['memory_format']}), plain decode {model['decode_ms']:.2f} ms/img -> physical limit "
+                     f"{top['memory_format']}, {top.get('threads', '?')} threads), "
+                     f"plain decode {model['decode_ms']:.2f} ms/img -> physical limit "
                      f"**{model['physical_limit_img_per_s']:.1f} img/s**; reference top-1 {model['reference_top1']}")
     peer_cols = [f"x {s}" for s in servers]
     lines += ["", "| server | model | conc | req/s | p50 ms | p95 ms | p99 ms | errors | x limit | "

@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=None, help="peers' batch size (default: Macula's CPU one)")
     p.add_argument("--max-batch-delay-ms", type=float, default=None)
     p.add_argument("--raw-batch-sizes", type=lambda s: [int(x) for x in csv(s)], default=[1, 2, 4, 8, 16])
-    p.add_argument("--raw-time", type=float, default=1.5, help="seconds per raw (batch size, format) point")
+    p.add_argument("--raw-time", type=float, default=1.0, help="seconds per raw (threads, format, batch) point")
+    p.add_argument("--raw-threads", type=lambda s: [int(x) for x in csv(s)],
+                   default=sorted({1, torch.get_num_threads()}), help="torch thread counts for the raw limit")
     p.add_argument("--port", type=int, default=8100, help="first port; each server gets port + 10 * i")
     p.add_argument("--macula-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra MACULA_* setting for the Macula server (repeatable; for tuning runs)")
@@ -69,9 +71,11 @@ def model_limits(key: str, ckpt: Path, jpeg: bytes, args: argparse.Namespace) ->
     top2 = probs.topk(2)
     result = {"reference_top1": int(top2.indices[0]), "reference_margin": float(top2.values[0] - top2.values[1])}
     result |= limits.measure(classifier.model, classifier.meta.preprocessing, jpeg,
-                             batch_sizes=args.raw_batch_sizes, min_time_s=args.raw_time)
+                             batch_sizes=args.raw_batch_sizes, min_time_s=args.raw_time,
+                             thread_counts=args.raw_threads)
     print(f"[{key}] raw best {result['best_raw']['img_per_s']:.1f} img/s "
-          f"(batch {result['best_raw']['batch_size']}, {result['best_raw']['memory_format']}), "
+          f"(batch {result['best_raw']['batch_size']}, {result['best_raw']['memory_format']}, "
+          f"{result['best_raw']['threads']} threads), "
           f"decode {result['decode_ms']:.2f} ms -> limit {result['physical_limit_img_per_s']:.1f} img/s", flush=True)
     del classifier
     gc.collect()
@@ -81,8 +85,8 @@ def model_limits(key: str, ckpt: Path, jpeg: bytes, args: argparse.Namespace) ->
 def measure_server(server: str, key: str, ckpt: Path, jpeg_path: Path, port: int, args: argparse.Namespace,
                    batch: BatchConfig) -> list[dict]:
     """Start ``server``, check its answer, warm it up, run wrk at each concurrency; one row per concurrency."""
-    work = args.out / "work" / f"{server}-{key}"
-    launch = SERVERS[server](ckpt, key, port, work, batch)
+    work = (args.out / "work" / f"{server}-{key}").resolve()
+    launch = SERVERS[server](ckpt.resolve(), key, port, work, batch)
     if server == "macula":
         launch.env |= dict(kv.split("=", 1) for kv in args.macula_env)
     rows = []
@@ -120,6 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     base = default_batch()
     batch = BatchConfig(args.max_batch_size or base.max_batch_size,
                         base.max_batch_delay_ms if args.max_batch_delay_ms is None else args.max_batch_delay_ms)
+    args.out = args.out.resolve()  # servers run with their own working directories
     args.out.mkdir(parents=True, exist_ok=True)
     jpeg_path = write_jpeg(args.out / "work" / "chelsea.jpg")
     report = {"environment_before": environment(), "args": {k: str(v) for k, v in vars(args).items()},
