@@ -19,7 +19,9 @@ MODEL = 'model=~"$model"'
 
 
 def target(expr: str, legend: str = "", ref: str = "A", fmt: str = "time_series") -> dict:
-    return {"refId": ref, "datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "format": fmt}
+    """One Prometheus query; a table shows the latest values only (an instant query)."""
+    return {"refId": ref, "datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "format": fmt,
+            "instant": fmt == "table", "range": fmt != "table"}
 
 
 def quantiles(metric: str, selector: str, by: str = "") -> list[dict]:

@@ -67,7 +67,7 @@ def test_promtool_accepts_the_config():
 def test_promtool_accepts_the_rules():
     result = promtool("check", "rules", str(PROMETHEUS / "alerts.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_alert_unit_tests_pass():
