@@ -132,3 +132,15 @@ def test_each_replica_writes_its_own_audit_file():
     script = entrypoint[2].replace("$$", "$").replace("exec python -m service", "printf '%s\\n'", 1)
     args = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert args == ["--audit-db", f"/data/macula_audit-{Path('/etc/hostname').read_text().strip()}.db"]
+
+
+def test_an_unset_api_key_means_no_authentication(compose, tmp_path):
+    """Compose passes MACULA_API_KEY="" when the shell has none: the service must then stay open."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    key = compose["services"]["macula"]["environment"]["MACULA_API_KEY"]
+    assert key == ""
+    app = create_app(Settings(model_dir=tmp_path, audit_db="", api_key=key))
+    assert TestClient(app).get("/v1/models").status_code != 401
