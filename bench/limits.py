@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from bench.bench_models import time_batches
 from models import Preprocessing
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -31,16 +33,12 @@ class RawPoint:
     threads: int = 0  # torch intra-op threads it ran with
 
 
-def time_forward(model: nn.Module, batch: torch.Tensor, *, min_time_s: float, min_iters: int = 3) -> float:
-    """Seconds per forward of ``batch``: two warm-up calls, then calls until ``min_time_s`` has passed."""
-    with torch.inference_mode():
-        for _ in range(2):
-            model(batch)
-        iters, start = 0, time.perf_counter()
-        while iters < min_iters or time.perf_counter() - start < min_time_s:
-            model(batch)
-            iters += 1
-        return (time.perf_counter() - start) / iters
+def time_forward(model: nn.Module, batch: torch.Tensor, *, min_time_s: float, rounds: int = 3) -> float:
+    """Seconds per forward of ``batch``: the best of ``rounds`` timed rounds (the least disturbed by other
+    processes), together lasting about ``min_time_s``; uses the model-throughput bench's timer."""
+    first = time_batches(model, batch, 2, nullcontext)  # warm-up, and the estimate that sizes the rounds
+    iters = max(1, round(min_time_s / rounds / max(first, 1e-6)))
+    return min(time_batches(model, batch, iters, nullcontext) for _ in range(rounds))
 
 
 def raw_throughput(model: nn.Module, input_size: tuple[int, int], channels: int, *, batch_sizes: list[int],
