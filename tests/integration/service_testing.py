@@ -28,8 +28,8 @@ def model_dir_with(target: Path, **checkpoints: Path) -> Path:
 @asynccontextmanager
 async def serving(model_dir: Path, tmp_path: Path, **overrides) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The app with its lifespan running (models loaded and warmed up) and an httpx client on it."""
-    settings = Settings(model_dir=model_dir, audit_db=str(tmp_path / "audit.db"), device="cpu",
-                        **{"max_batch_size": 8, "max_batch_delay_ms": 5, **overrides})
+    defaults = {"audit_db": str(tmp_path / "audit.db"), "device": "cpu", "max_batch_size": 8, "max_batch_delay_ms": 5}
+    settings = Settings(model_dir=model_dir, **{**defaults, **overrides})
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -200,3 +200,25 @@ async def test_draining_refuses_new_work_but_stays_alive(model_dir, tmp_path):
         assert refused.status_code == 503 and refused.json()["code"] == "not_ready" and refused.headers["Retry-After"]
         assert (await client.get("/healthz")).status_code == 200
         assert metric_samples((await client.get("/metrics")).text, "macula_ready") == {(): 0.0}
+
+
+async def test_audit_store_failure_does_not_fail_predictions(model_dir, tmp_path):
+    blob = image_bytes(noise_image(10))
+    async with serving(model_dir, tmp_path, audit_db=str(tmp_path / "missing-dir" / "sub" / "audit.db")) as (
+            app, client):
+        (tmp_path / "missing-dir").write_text("a file where the store wants a directory")
+        resp = await client.post("/v1/predict", content=blob, headers={"Content-Type": "image/png"})
+        assert resp.status_code == 200
+        app.state.service.audit.flush(5)
+        text = (await client.get("/metrics")).text
+    assert metric_samples(text, "macula_audit_write_failures_total")[()] >= 1
+
+
+async def test_a_broken_checkpoint_stops_startup(tmp_path, gray_checkpoint):
+    from models import CheckpointError
+
+    models = model_dir_with(tmp_path / "models", gray=gray_checkpoint)
+    (models / "broken.safetensors").write_bytes(b"\0" * 100)
+    with pytest.raises(CheckpointError, match="broken.safetensors"):
+        async with serving(models, tmp_path):
+            pass
