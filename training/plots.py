@@ -54,7 +54,7 @@ def attention_grid(model: nn.Module, dataset, preprocessing: Preprocessing, path
     stages = stage_maps(maps)
     mean = torch.tensor(preprocessing.mean, device=device)[:, None, None]
     std = torch.tensor(preprocessing.std, device=device)[:, None, None]
-    shown = (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+    shown = (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     fig, axes = plt.subplots(len(picks), 1 + len(stages), figsize=(2 * (1 + len(stages)), 2 * len(picks)),
                              squeeze=False)
     for row, (image, sample) in enumerate(zip(shown, samples, strict=True)):
@@ -62,7 +62,7 @@ def attention_grid(model: nn.Module, dataset, preprocessing: Preprocessing, path
         axes[row, 0].imshow(image.squeeze(-1) if cmap else image, cmap=cmap)
         axes[row, 0].set_title(f"label {sample[1]} / pred {logits[row].argmax().item()}", fontsize=8)
         for col, (name, spatial) in enumerate(stages.items(), start=1):
-            mask = F.interpolate(spatial[row:row + 1].float(), size=image.shape[:2], mode="nearest")[0, 0].cpu()
+            mask = F.interpolate(spatial[row:row + 1].float(), size=image.shape[:2], mode="nearest")[0, 0].cpu().numpy()
             axes[row, col].imshow(image.squeeze(-1) if cmap else image, cmap=cmap)
             axes[row, col].imshow(mask, cmap="jet", alpha=0.5, vmin=0, vmax=1)
             axes[row, col].set_title(name, fontsize=8)

@@ -44,7 +44,7 @@ def load_torchvision_backbone(model: nn.Module, spec: str) -> set[str]:
         raise InitFromError(f"--init-from expects torchvision:PATH, got {spec!r}")
     source, own = read_state_dict(path), model.state_dict()
     fits = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    if not fits:
+    if not any(not k.endswith("num_batches_tracked") for k in fits):
         raise InitFromError(f"--init-from: {path}: no tensor matches {model.config['name']} "
                             f"(is it a torchvision ResNet of the same depth?)")
     skipped = sorted(set(source) - set(fits))

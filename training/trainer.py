@@ -151,9 +151,10 @@ class Trainer:
         set_rng_state(state["rng"])
         log.info("resumed %s after epoch %d (best val acc %.4f)", self.out, self.run.epoch, self.run.best_acc)
 
-    def fit(self) -> dict[str, Any]:
-        """Train the remaining epochs; returns what ``metrics.json`` holds."""
-        for epoch in range(self.run.epoch + 1, self.config.epochs + 1):
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train the remaining epochs (or up to ``stop_after``, resumable later); returns ``metrics.json``'s dict."""
+        last = min(self.config.epochs, stop_after or self.config.epochs)
+        for epoch in range(self.run.epoch + 1, last + 1):
             self.sampler.set_epoch(epoch)
             set_data_epoch(self.bundle.train, epoch)
             train = train_one_epoch(self.model, self.train_loader, self.optimizer, self.scheduler, self.config,
@@ -163,7 +164,7 @@ class Trainer:
                            num_classes=len(self.bundle.class_names), is_main=self.info.is_main)
             self._end_epoch(epoch, train, val)
         distributed.barrier(self.info)
-        return self._finish() if self.info.is_main else {}
+        return self._finish() if self.info.is_main and last == self.config.epochs else {}
 
     def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, Any]) -> None:
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"],
