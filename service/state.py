@@ -172,6 +172,11 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _await_or_disconnect(futures: list[asyncio.Future], request: Request) -> list[ImageResult]:
     """All results, or :class:`ClientGone` if the client leaves first (its queued images are then skipped)."""
     gathered = asyncio.gather(*futures)
@@ -180,6 +185,8 @@ async def _await_or_disconnect(futures: list[asyncio.Future], request: Request) 
         done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:  # also when this handler is cancelled
         watcher.cancel()
+        gathered.cancel()  # cancels its children; its outcome is then read by _consume, so nothing is logged
+        gathered.add_done_callback(_consume)
         for future in futures:
             future.cancel()  # no-op for finished ones; the batcher skips cancelled ones still queued
     if gathered not in done:
