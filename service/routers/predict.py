@@ -43,8 +43,9 @@ async def predict_images(request: Request, name: str | None, *, top_k: int | Non
     blobs = await read_images(request, field="file", max_images=settings.max_images_per_request,
                               max_bytes=settings.max_body_bytes)
     done = await service.classify(request, runner, blobs, attention=attention)
-    preds = await service.in_pool(partial(formatting.predictions, done, k=top_k, attention=attention,
-                                          original_size=attention_size == "original"))
+    format_ = partial(formatting.predictions, done, k=top_k, attention=attention,
+                      original_size=attention_size == "original")
+    preds = await service.in_pool(format_) if attention else format_()  # PNG encoding stays off the event loop
     service.audit.submit(formatting.audit_record(done, preds, route=route, started=started))
     return {"id": done.id, "model": {"name": runner.name, "version": runner.meta.version}, "predictions": preds}
 

@@ -28,8 +28,9 @@ async def _classify(request: Request, name: str, *, attention: bool, route: str)
     blobs = await read_images(request, field="data", max_images=settings.max_images_per_request,
                               max_bytes=settings.max_body_bytes)
     done = await service.classify(request, runner, blobs, attention=attention)
-    preds = await service.in_pool(partial(formatting.predictions, done, k=min(5, runner.meta.num_classes),
-                                          attention=attention, original_size=False))
+    format_ = partial(formatting.predictions, done, k=min(5, runner.meta.num_classes), attention=attention,
+                      original_size=False)
+    preds = await service.in_pool(format_) if attention else format_()  # PNG encoding stays off the event loop
     service.audit.submit(formatting.audit_record(done, preds, route=route, started=started))
     return preds
 
