@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import uvicorn
+from pydantic import ValidationError
 
 from .app import create_app
 from .settings import Settings
@@ -41,8 +42,11 @@ class DrainingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> None:
-    overrides = vars(build_parser().parse_args(argv))
-    settings = Settings(**overrides)
+    parser = build_parser()
+    try:
+        settings = Settings(**vars(parser.parse_args(argv)))
+    except ValidationError as exc:
+        parser.error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),

@@ -48,3 +48,15 @@ def test_batch_defaults_per_device_and_overrides(monkeypatch):
     assert s.batch_limits("cuda:0") == (CUDA_BATCH_DEFAULTS[0], CUDA_BATCH_DEFAULTS[1] / 1000)
     assert Settings(max_batch_size=3, max_batch_delay_ms=0).batch_limits("cuda") == (3, 0.0)
     assert Settings(device="cpu").resolved_device() == "cpu"
+
+
+def test_bad_flag_values_are_a_usage_error(capsys):
+    import pytest
+
+    from service.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--max-queue", "lots", "--port", "70000"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "max_queue" in err and "port" in err
