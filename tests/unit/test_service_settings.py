@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.__main__ import build_parser
+import pytest
+
+from service.__main__ import build_parser, main
 from service.settings import CPU_BATCH_DEFAULTS, CUDA_BATCH_DEFAULTS, Settings
 
 
@@ -51,10 +53,6 @@ def test_batch_defaults_per_device_and_overrides(monkeypatch):
 
 
 def test_bad_flag_values_are_a_usage_error(capsys):
-    import pytest
-
-    from service.__main__ import main
-
     with pytest.raises(SystemExit) as info:
         main(["--max-queue", "lots", "--port", "70000"])
     assert info.value.code == 2
