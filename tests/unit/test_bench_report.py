@@ -75,3 +75,14 @@ def test_plain_preprocess_matches_the_checkpoint_transform():
     reference = IMAGENET_224.eval_transform()(Image.open(io.BytesIO(data)))
     assert plain.shape == reference.shape == (3, 224, 224)
     assert torch.nn.functional.l1_loss(plain, reference) < 0.02  # same recipe, PIL vs tensor resize rounding
+
+
+def test_tuning_summary_takes_medians_over_rounds():
+    from bench.tune_macula import markdown as tune_markdown
+    from bench.tune_macula import summarise
+
+    rows = [_row("macula", 32, v, p, config="MACULA_TORCH_THREADS=1", mean_batch_size=b)
+            for v, p, b in ((50, 400, 6.0), (70, 300, 8.0), (60, 350, 7.0))]
+    (summary,) = summarise(rows)
+    assert (summary["rounds"], summary["req_per_s"], summary["p50_ms"], summary["mean_batch_size"]) == (3, 60, 350, 7)
+    assert "| MACULA_TORCH_THREADS=1 | 32 | 60.0 | 350.0 |" in tune_markdown([summary])
