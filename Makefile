@@ -35,3 +35,18 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+# The demo model that `make serve` serves: CBAM resnet20 on cluttered-mnist (48x48), 2 CPU processes
+# (torchrun, gloo, one thread each), about 10 minutes on 2 idle cores. See docs/results.md.
+DEMO_OUT ?= runs/demo
+demo-model: install
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 -m training --arch resnet20 --attention cbam \
+	  --dataset cluttered-mnist --canvas-size 48 --clutter 4 --epochs 15 --batch-size 64 --lr 0.1 \
+	  --warmup-epochs 1 --workers 0 --out $(DEMO_OUT)
+	mkdir -p model_store
+	cp $(DEMO_OUT)/model.safetensors model_store/demo.safetensors
+	cp $(DEMO_OUT)/metrics.json model_store/demo.metrics.json
+
+# Plain vs BAM vs CBAM on cluttered-mnist, 3 seeds each, equal budget (docs/results.md).
+study: install
+	nice -n 10 $(PY) -m training.study --out runs/study --seeds 0 1 2 --epochs 3 --limit-train 4000 --nproc 2
