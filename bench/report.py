@@ -75,6 +75,14 @@ def markdown(report: dict) -> str:
                      f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['error_count']} | "
                      f"{r['x_limit']:.2f} | " + " | ".join(peers) + f" | {_fmt(r.get('mean_batch_size'), 1)} | "
                      f"{r['wrk_cpu_share']:.0%} | {r['server_cpu_share']:.0%} | {'yes' if ok else 'NO'} |")
+    inside = [r for r in report["rows"] if r.get("mean_inference_ms") is not None]
+    if inside:
+        lines += ["", "Inside Macula (its own histograms over each run):", "",
+                  "| model | conc | mean batch | decode ms/img | forward ms/batch | queue wait ms |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['concurrency']} | {_fmt(r.get('mean_batch_size'), 1)} | "
+                  f"{_fmt(r.get('mean_preprocess_ms'), 1)} | {_fmt(r.get('mean_inference_ms'), 1)} | "
+                  f"{_fmt(r.get('mean_queue_wait_ms'), 1)} |" for r in inside]
     if report.get("goals"):
         lines += ["", "| goal (Macula) | model | value | met |", "|---|---|---|---|"]
         lines += [f"| {g['goal']} | {g['model']} | {g['value']:.2f} | {'yes' if g['met'] else 'no'} |"

@@ -29,7 +29,7 @@ from bench.report import add_ratios, markdown
 from bench.servers.common import Classifier
 from bench.servers.launch import SERVERS, BatchConfig, RunningServer, top1
 from bench.servers.procstat import group_cpu_seconds
-from bench.servers.scrape import macula_batch_stats
+from bench.servers.scrape import macula_stats, means_between
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,17 +96,15 @@ def measure_server(server: str, key: str, ckpt: Path, jpeg_path: Path, port: int
         if args.warmup > 0:
             run_wrk(launch.predict_url, jpeg_path, concurrency=max(args.concurrency), duration_s=args.warmup)
         for concurrency in args.concurrency:
-            batches_before = macula_batch_stats(launch, key) if server == "macula" else None
+            stats_before = macula_stats(launch, key) if server == "macula" else None
             cpu_before, load_before = group_cpu_seconds(running.proc.pid), os.getloadavg()[0]
             result = run_wrk(launch.predict_url, jpeg_path, concurrency=concurrency, duration_s=args.duration)
             server_cpu = group_cpu_seconds(running.proc.pid) - cpu_before
             row = {"server": server, "model": key, "top1": served_top1, **result.to_dict(),
                    "server_cpu_share": server_cpu / result.duration_s, "loadavg_1m_before": load_before,
                    "loadavg_1m_after": os.getloadavg()[0]}
-            if batches_before is not None:
-                after = macula_batch_stats(launch, key)
-                count = after[1] - batches_before[1]
-                row["mean_batch_size"] = (after[0] - batches_before[0]) / count if count else None
+            if stats_before is not None:
+                row |= means_between(stats_before, macula_stats(launch, key))
             print(f"[{key}] {server:10s} c={concurrency:<3d} {row['req_per_s']:7.1f} req/s  p50 {row['p50_ms']:8.1f}"
                   f"  p99 {row['p99_ms']:8.1f} ms  errors {row['error_count']}  wrk cpu {row['wrk_cpu_share']:.2f}"
                   f"  server cpu {row['server_cpu_share']:.2f}", flush=True)

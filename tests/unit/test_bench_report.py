@@ -42,12 +42,11 @@ def test_raw_at_batch_interpolates_between_measured_sizes():
 
 
 def test_ratios_to_limit_and_peers_and_goals():
+    macula32 = _row("macula", 32, 62, 500, mean_batch_size=4.0, mean_inference_ms=90.0)
     rows = [_row("naive", 1, 20, 50), _row("litserve", 1, 15, 70), _row("macula", 1, 22, 45, mean_batch_size=1.0),
-            _row("naive", 32, 30, 900), _row("litserve", 32, 40, 700), _row("macula", 32, 62, 500,
-                                                                             mean_batch_size=4.0)]
+            _row("naive", 32, 30, 900), _row("litserve", 32, 40, 700), macula32]
     report = _report(rows)
     add_ratios(report)
-    macula32 = rows[-1]
     assert macula32["x_limit"] == pytest.approx(62 / limits.physical_limit(80, 0.0025))
     assert macula32["x_limit_at_batch"] == pytest.approx(62 / limits.physical_limit(60, 0.0025))
     assert macula32["x_peer"] == pytest.approx({"naive": 62 / 30, "litserve": 62 / 40})
@@ -55,6 +54,7 @@ def test_ratios_to_limit_and_peers_and_goals():
     assert met == {"x limit >= 0.9 @32": True, "x LitServe >= 1.5 @32": True, "p50 @1 <= naive p50 (ratio <= 1)": True}
     text = markdown(report)
     assert "| macula | m | 32 | 62.0 |" in text and "x litserve" in text
+    assert "| m | 32 | 4.0 |  | 90.0 |  |" in text  # Macula's own breakdown
 
 
 def test_goals_report_misses():
@@ -86,3 +86,13 @@ def test_tuning_summary_takes_medians_over_rounds():
     (summary,) = summarise(rows)
     assert (summary["rounds"], summary["req_per_s"], summary["p50_ms"], summary["mean_batch_size"]) == (3, 60, 350, 7)
     assert "| MACULA_TORCH_THREADS=1 | 32 | 60.0 | 350.0 |" in tune_markdown([summary])
+
+
+def test_means_between_two_metric_snapshots():
+    from bench.servers.scrape import means_between
+
+    before = {"batch_size": (10, 5), "preprocess_s": (0.1, 10), "inference_s": (1, 5), "queue_wait_s": (0, 0)}
+    after = {"batch_size": (50, 10), "preprocess_s": (0.3, 50), "inference_s": (2, 10), "queue_wait_s": (0, 0)}
+    means = means_between(before, after)
+    assert means["mean_batch_size"] == 8 and means["mean_queue_wait_ms"] is None
+    assert means["mean_preprocess_ms"] == pytest.approx(5) and means["mean_inference_ms"] == pytest.approx(200)
