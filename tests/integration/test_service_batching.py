@@ -140,3 +140,12 @@ async def test_vanished_client_is_skipped(model_dir, tmp_path):
             await asyncio.sleep(0.05)
         assert (await client.post("/v1/predict", content=blob, headers=PNG)).status_code == 200
         assert len(seen) == 1 and len(seen[0]) == 1  # only the second request ever ran
+
+
+async def test_a_lone_client_never_waits_out_the_batch_delay(model_dir, tmp_path):
+    blob = image_bytes(noise_image(11, 36, "L"))
+    async with serving(model_dir, tmp_path, max_batch_delay_ms=20_000) as (app, client):
+        start = time.perf_counter()
+        for _ in range(3):
+            assert (await client.post("/v1/predict", content=blob, headers=PNG)).status_code == 200
+        assert time.perf_counter() - start < 10  # a 20 s delay was never waited out
