@@ -177,3 +177,21 @@ def test_mask_png_is_8_bit_grey_with_the_exact_values():
     img = Image.open(io.BytesIO(base64.b64decode(png_base64(mask))))
     assert img.format == "PNG" and img.mode == "L" and img.size == (8, 6)
     np.testing.assert_array_equal(np.asarray(img), mask)
+
+
+@pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
+def test_same_top1_as_the_eval_transform_on_real_photos(rgb_checkpoint, name):
+    import torch
+
+    from models import load_checkpoint
+
+    model, meta = load_checkpoint(rgb_checkpoint)
+    photo = Image.fromarray(getattr(data, name)())
+    for img in (photo, photo.resize((photo.width * 3, photo.height * 3))):  # the second one takes the draft path
+        blob = encode(img, "JPEG", quality=92)
+        ours = torch.from_numpy(preprocess(blob, max_pixels=LIMIT, pre=meta.preprocessing).array)
+        theirs = meta.preprocessing.eval_transform()(Image.open(io.BytesIO(blob)))
+        with torch.no_grad():
+            logits = model(torch.stack([ours, theirs]))
+        assert logits[0].argmax() == logits[1].argmax()
+        assert (logits[0].softmax(0) - logits[1].softmax(0)).abs().max() < 0.02
