@@ -12,11 +12,12 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Batch defaults per device, from measurement (bench/; ResNet-18 @ 224, channels_last):
-# on the 2-core CPU box, images/s rise up to batch 4-8 and then flatten while latency keeps growing, so 8 is
-# the cap; the forward of one image takes tens of ms there, so waiting more than a few ms for company buys
-# nothing. A GPU keeps gaining up to batch 64+ and its forward is ~1-3 ms, so it caps higher and waits a bit
-# longer to fill a batch. The wait only ever happens while more images are being decoded (see batching.py).
+# Batch defaults per device, from measurement (ResNet-18 + CBAM @ 224, channels_last, 2 torch threads, 2-core
+# box: batch 1: 34.6 img/s, 4: 48.6, 8: 46.6, 16: 47.5): images/s rise up to batch 4-8 and then flatten while
+# latency keeps growing, so 8 is the cap; one image's forward takes tens of ms there, so waiting more than a
+# few ms for company buys nothing. A GPU keeps gaining up to batch 64+ and its forward is ~1-3 ms, so it caps
+# higher and waits a bit longer to fill a batch. The wait only ever happens while more images are being
+# decoded (see batching.py).
 CPU_BATCH_DEFAULTS = (8, 3.0)  # (max_batch_size, max_batch_delay_ms)
 CUDA_BATCH_DEFAULTS = (64, 5.0)
 
