@@ -93,6 +93,27 @@ def add_ratios(rows: list[dict]) -> None:
             r["time_ratio_median"] = round(r["ms_per_batch_median"] / base["ms_per_batch_median"], 3)
 
 
+def profile(specs: list[str], batch: int, fmt: str, args: argparse.Namespace, device: torch.device) -> None:
+    """torch.profiler: the top operators by self time, per model, for one (batch, format)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * (device.type == "cuda")
+    for spec in specs:
+        model = build(spec, args.num_classes).eval().to(device, memory_format=FORMATS[fmt])
+        x = torch.randn(batch, 3, args.size, args.size, device=device).contiguous(memory_format=FORMATS[fmt])
+        time_batches(model, x, max(args.warmup, 1), nullcontext)
+        with torch_profile(activities=activities) as prof:
+            time_batches(model, x, args.iters, nullcontext)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        print(f"\n== {spec}, batch {batch}, {fmt}, {device.type}: {args.iters} forwards, "
+              f"self CPU {total / 1e3 / args.iters:.1f} ms per forward")
+        for e in events[:args.profile_rows]:
+            print(f"{e.key:<36} {e.self_cpu_time_total / 1e3 / args.iters:9.2f} ms/fwd "
+                  f"{100 * e.self_cpu_time_total / total:6.2f}% {e.count // args.iters:6d} calls/fwd")
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"{'model':<22} {'batch':>5} {'format':<13} {'dev':<4} {'img/s':>9} {'median':>9} {'ms/batch':>9} "
           f"{'÷plain':>7}")
@@ -114,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats, interleaved across models")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available, and cpu too)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables instead of timing")
+    p.add_argument("--profile-rows", type=int, default=15)
     p.add_argument("--json", default=None, help="write the rows as JSON to this path ('-' for stdout)")
     return p.parse_args(argv)
 
@@ -127,7 +150,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for device in devices:
         for fmt in args.formats:
             for batch in args.batch_sizes:
+                if args.profile:
+                    profile(args.models, batch, fmt, args, torch.device(device))
+                    continue
                 rows += measure(args.models, batch, fmt, args, torch.device(device))
+    if args.profile:
+        return rows
     if args.json != "-":
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.size}x{args.size}, "
               f"{args.iters} iters x {args.repeats} repeats (best; median)")

@@ -106,9 +106,10 @@ class BAM(AttentionModule):
 
     def forward(self, x: Tensor, maps: dict[str, AttentionMap] | None = None) -> Tensor:
         mc, ms = self.channel_gate(x), self.spatial_gate(x)
-        mask = torch.sigmoid(mc * ms if self.variant == "official" else mc + ms)
-        self.record(maps, mask.mean(dim=1, keepdim=True), mask.mean(dim=(2, 3)))
-        return x + x * mask
+        mask = (mc * ms if self.variant == "official" else mc + ms).sigmoid_()  # fresh tensor: in place is safe
+        if maps is not None:  # two full reductions: only when the maps are asked for
+            self.record(maps, mask.mean(dim=1, keepdim=True), mask.mean(dim=(2, 3)))
+        return torch.addcmul(x, x, mask)  # F + F ⊗ M in one pass over memory
 
 
 # -------------------------------------------------------------------------------------------- CBAM
@@ -151,12 +152,20 @@ class CBAM(AttentionModule):
         self.channel_gate = CbamChannelGate(channels, reduction)
         self.spatial_gate = CbamSpatialGate(kernel_size)
 
-    def forward(self, x: Tensor, maps: dict[str, AttentionMap] | None = None) -> Tensor:
+    def forward(self, x: Tensor, maps: dict[str, AttentionMap] | None = None, residual: Tensor | None = None
+                ) -> Tensor:
+        """``Ms(F') ⊗ F'`` with ``F' = Mc(F) ⊗ F``; plus ``residual`` if given (the block's shortcut).
+
+        The gating passes over memory cost more than their arithmetic, so a residual block hands its
+        shortcut in: the last gate and the add become one ``addcmul``, and without autograd ``F'``
+        overwrites the block's own temporary ``x`` instead of allocating (only when ``residual`` is given).
+        """
         mc = self.channel_gate(x)
-        x = x * mc[:, :, None, None]
+        in_place = residual is not None and not torch.is_grad_enabled()
+        x = x.mul_(mc[:, :, None, None]) if in_place else x * mc[:, :, None, None]
         ms = self.spatial_gate(x)
         self.record(maps, ms, mc)
-        return x * ms
+        return x * ms if residual is None else torch.addcmul(residual, x, ms)
 
 
 # ------------------------------------------------------------------------------------------ switch

@@ -43,7 +43,18 @@ class PadShortcut(nn.Module):
         self.extra = extra_channels
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        # x[:, :, ::2, ::2], written as a 1×1 max-pool so that its output size is the same expression as the
+        # stride-2 conv's ((n - 1) // 2 + 1): torch.export can then prove the residual shapes match.
+        subsampled = F.max_pool2d(x, kernel_size=1, stride=2)
+        return F.pad(subsampled, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+def add_residual(out: Tensor, identity: Tensor, cbam: nn.Module | None, maps: Maps) -> Tensor:
+    """``CBAM(out) + identity`` (CBAM Fig. 3: attention after the last BN, before the add), or ``out + identity``.
+
+    CBAM fuses its last gate with the add (see :meth:`CBAM.forward`).
+    """
+    return out + identity if cbam is None else cbam(out, maps, residual=identity)
 
 
 # --------------------------------------------------------------------------------------------- blocks
@@ -63,8 +74,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor, maps: Maps = None) -> Tensor:
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        out = out if self.cbam is None else self.cbam(out, maps)
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return self.relu(add_residual(out, x if self.downsample is None else self.downsample(x), self.cbam, maps))
 
 
 class Bottleneck(nn.Module):
@@ -83,8 +93,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor, maps: Maps = None) -> Tensor:
         out = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
         out = self.bn3(self.conv3(out))
-        out = out if self.cbam is None else self.cbam(out, maps)
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+        return self.relu(add_residual(out, x if self.downsample is None else self.downsample(x), self.cbam, maps))
 
 
 Block = type[BasicBlock] | type[Bottleneck]

@@ -207,3 +207,48 @@ def test_bad_attention_name() -> None:
         create_model("resnet20", attention="se")
     with pytest.raises(ValueError, match="unknown architecture"):
         create_model("resnet21")
+
+
+def test_cbam_fused_residual_equals_gate_plus_add() -> None:
+    torch.manual_seed(0)
+    cbam = CBAM(32)
+    randomize_bn(cbam)
+    cbam.eval()
+    x, identity = torch.randn(2, 32, 5, 9), torch.randn(2, 32, 5, 9)
+    x_before = x.clone()
+    expected = cbam(x) + identity
+    torch.testing.assert_close(cbam(x, residual=identity), expected)  # autograd on: x is left alone
+    assert torch.equal(x, x_before)
+    with torch.inference_mode():
+        x_inf = x.clone()
+        torch.testing.assert_close(cbam(x_inf, residual=identity), expected)  # may overwrite x_inf
+
+
+@pytest.mark.parametrize("attention", ["bam", "cbam"])
+def test_inference_path_equals_autograd_path(attention: str) -> None:
+    """The in-place/fused inference path gives the logits and maps of the autograd path."""
+    model = build("resnet18", {"attention": attention, "num_classes": 10, "stem": "cifar"})
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 32, 32))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    logits, maps = model.forward_with_attention(x)  # autograd on
+    with torch.inference_mode():
+        logits_inf, maps_inf = model.forward_with_attention(x)
+        plain_inf = model(x)
+    torch.testing.assert_close(logits_inf, logits.detach())
+    torch.testing.assert_close(plain_inf, logits.detach())
+    for key, m in maps.items():
+        torch.testing.assert_close(maps_inf[key].spatial, m.spatial.detach())
+        torch.testing.assert_close(maps_inf[key].channel, m.channel.detach())
+
+
+def test_option_a_shortcut_subsamples_and_zero_pads() -> None:
+    from models.resnet import PadShortcut
+
+    x = torch.randn(2, 4, 7, 10)
+    out = PadShortcut(4)(x)
+    assert out.shape == (2, 8, 4, 5)
+    assert torch.equal(out[:, 2:6], x[:, :, ::2, ::2])
+    assert not out[:, :2].any() and not out[:, 6:].any()
