@@ -212,7 +212,9 @@ class Trainer:
             result = evaluate(best, loader, self.config, device=self.info.device,
                               num_classes=len(self.bundle.class_names), sync=False)
             test = {k: result[k] for k in ("acc", "top5", "loss", "n")}
-            self.save_model({**meta.training, "test_acc": test["acc"], "test_top5": test["top5"]})
+            save_checkpoint(best, self.out / CHECKPOINT, class_names=meta.class_names,
+                            preprocessing=meta.preprocessing,
+                            training={**meta.training, "test_acc": test["acc"], "test_top5": test["top5"]})
             log.info("test acc %.4f (top-5 %.4f) on %d images", test["acc"], test["top5"], test["n"])
         metrics = self.write_metrics(test)
         plots.curves(self.run.history, self.out / "curves.png")

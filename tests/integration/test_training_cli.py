@@ -15,6 +15,8 @@ from models import load_checkpoint
 from training.cli import config_from_args, main, parser
 from training.distributed import DistInfo
 from training.evaluate import main as evaluate_main
+from training.evaluate import parser as evaluate_parser
+from training.evaluate import run as evaluate_run
 from training.trainer import Trainer, load_last
 
 TINY = ["--dataset", "cluttered-mnist", "--canvas-size", "32", "--clutter", "2", "--limit-train", "48",
@@ -44,6 +46,11 @@ def test_a_run_writes_every_output(straight):
     assert all(row["img_per_s"] > 0 and row["lr"] >= 0 for row in metrics["epochs"])
     assert metrics["best_val_acc"] == pytest.approx(max(r["val_acc"] for r in metrics["epochs"]))
     assert meta.training["val_acc"] == metrics["best_val_acc"] and metrics["test"]["n"] == 16
+    # the file holds the best epoch's weights: scoring it again gives the accuracies in its summary
+    for split, key in (("val", "val_acc"), ("test", "test_acc")):
+        report = evaluate_run(evaluate_parser().parse_args([str(straight / "model.safetensors"), "--split", split,
+                                                           "--limit", "16", "--canvas-size", "32"]))
+        assert report["top1"] == pytest.approx(meta.training[key]), split
 
 
 def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(straight, tmp_path):
