@@ -5,7 +5,8 @@
 
 Reports top-1/top-5 and per-class accuracy. On cluttered-mnist it also reports, per attention
 module, the localisation score (share of the spatial mask's mass inside the digit's box, see
-``training.localisation``) next to the box-area share, which is what a uniform mask scores. Images
+``training.localisation``) next to the box-area share, which is what a uniform mask scores, and the
+pointing-game hit rate (mask peak inside the box). Images
 go through the checkpoint's own ``preprocessing.eval_transform()``, exactly as the service does.
 """
 
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if with_boxes:
         loc = localisation(model, loader, device=device)
         report["box_share"] = loc.pop("box_share")
-        report["localisation"] = loc
+        report["pointing"] = {k.split(":", 1)[1]: v for k, v in loc.items() if k.startswith("pointing:")}
+        report["localisation"] = {k: v for k, v in loc.items() if not k.startswith("pointing:")}
     return report
 
 
@@ -78,9 +80,10 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"  top-1 {report['top1']:.4f}   top-5 {report['top5']:.4f}")
     print("  per class: " + "  ".join(f"{name} {acc:.3f}" for name, acc in report["per_class"].items()))
     if "localisation" in report:
-        print(f"  localisation (share of mask mass inside the digit box; uniform mask = {report['box_share']:.3f}):")
+        print(f"  localisation: share of mask mass inside the digit box (uniform mask = {report['box_share']:.3f}), "
+              f"pointing game: share of images whose mask peak is in the box")
         for name, score in report["localisation"].items():
-            print(f"    {name:<16} {score:.3f}")
+            print(f"    {name:<16} mass {score:.3f}   pointing {report['pointing'][name]:.3f}")
 
 
 def parser() -> argparse.ArgumentParser:

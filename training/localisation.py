@@ -5,6 +5,11 @@ with nearest-neighbour (each map cell spreads its value evenly over the canvas p
 take the share of the map's total mass that lies inside the object's box. A map all inside the box
 scores 1.0; a uniform map scores the box's share of the canvas area, the chance level to compare
 with.
+
+The mass share is diluted by the sigmoid masks' baseline (a mask of 0.5 everywhere with a peak on the
+digit still spreads most of its mass outside a small box), so the pointing game (Zhang et al.,
+"Top-down Neural Attention by Excitation Backprop", ECCV 2016) is reported beside it: the share of
+images whose mask maximum (centre of the highest map cell) falls inside the box.
 """
 
 from __future__ import annotations
@@ -38,9 +43,21 @@ def localisation_score(spatial: Tensor, boxes: Tensor, size: tuple[int, int]) ->
     return inside / upsampled.sum((1, 2, 3)).clamp(min=1e-12)
 
 
+def pointing_hit(spatial: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """``(N,)`` bool: the centre of each map's highest cell lies inside its box."""
+    n, _, h, w = spatial.shape
+    peak = spatial.reshape(n, -1).argmax(1)
+    y = (peak // w + 0.5) * size[0] / h
+    x = (peak % w + 0.5) * size[1] / w
+    return (x >= boxes[:, 0]) & (x < boxes[:, 2]) & (y >= boxes[:, 1]) & (y < boxes[:, 3])
+
+
 @torch.no_grad()
 def localisation(model: nn.Module, loader, *, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Mean localisation score per attention module over ``(image, label, box)`` batches, plus ``box_share``."""
+    """Mean localisation score per attention module over ``(image, label, box)`` batches, plus ``box_share``.
+
+    Pointing-game hit rates come under ``"pointing:<module>"``.
+    """
     model.eval()
     totals: dict[str, float] = defaultdict(float)
     count = 0
@@ -50,6 +67,7 @@ def localisation(model: nn.Module, loader, *, device: torch.device | str = "cpu"
         _, maps = model.forward_with_attention(images)
         for name, attention_map in maps.items():
             totals[name] += localisation_score(attention_map.spatial, boxes, size).sum().item()
+            totals[f"pointing:{name}"] += pointing_hit(attention_map.spatial, boxes, size).sum().item()
         totals["box_share"] += box_share(boxes, size).sum().item()
         count += len(images)
     return {name: total / max(count, 1) for name, total in totals.items()}

@@ -7,7 +7,7 @@ seed change. Each finished run is scored on the fixed test split with ``training
 and the per-module localisation score); the table (mean ± std over seeds, localisation averaged
 over each stage's modules) goes to ``OUT/results.md`` and the raw numbers to ``OUT/study.json``.
 Runs already finished in ``OUT`` are not trained again, so an interrupted study picks up where it
-stopped.
+stopped (``--rescore`` evaluates them again).
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ def train_command(args: argparse.Namespace, attention: str, seed: int, out: Path
 def run_one(args: argparse.Namespace, attention: str, seed: int) -> dict[str, Any]:
     out = Path(args.out) / f"{attention}-seed{seed}"
     report_path = out / "evaluation.json"
-    if report_path.is_file():
+    if report_path.is_file() and not args.rescore:
         return json.loads(report_path.read_text())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    subprocess.run(train_command(args, attention, seed, out), check=True, env=env)
+    if not (out / "metrics.json").is_file() or "test" not in json.loads((out / "metrics.json").read_text()):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+        subprocess.run(train_command(args, attention, seed, out), check=True, env=env)
     report = evaluate_run(evaluate_parser().parse_args([str(out / "model.safetensors"), "--split", "test"]))
     metrics = json.loads((out / "metrics.json").read_text())
     report["train_seconds"] = sum(row["epoch_seconds"] for row in metrics["epochs"])
@@ -65,18 +66,23 @@ def mean_std(values: list[float]) -> str:
 
 
 def summarise(reports: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["| attention | test top-1 % (mean ± std) | localisation per stage (mean over modules and seeds) "
-             "| box share (uniform map) | train s/run |", "|---|---|---|---|---|"]
+    lines = ["| attention | test top-1 % (mean ± std) | mask mass in box, per stage | pointing game, per stage "
+             "| box share (uniform map) | train s/run |", "|---|---|---|---|---|---|"]
     for attention, runs in reports.items():
-        stages: dict[str, list[float]] = {}
-        for report in runs:
-            for module, score in report.get("localisation", {}).items():
-                stages.setdefault(stage_of(module), []).append(score)
-        loc = ", ".join(f"{stage} {statistics.mean(v):.3f}" for stage, v in stages.items()) or "—"
+        mass, pointing = per_stage(runs, "localisation"), per_stage(runs, "pointing")
         seconds = statistics.mean(r["train_seconds"] for r in runs)
-        lines.append(f"| {attention} | {mean_std([r['top1'] for r in runs])} | {loc} | "
+        lines.append(f"| {attention} | {mean_std([r['top1'] for r in runs])} | {mass} | {pointing} | "
                      f"{runs[0]['box_share']:.3f} | {seconds:.0f} |")
     return "\n".join(lines)
+
+
+def per_stage(runs: list[dict[str, Any]], key: str) -> str:
+    """``report[key]`` (module → score) averaged over each stage's modules and over the runs."""
+    stages: dict[str, list[float]] = {}
+    for report in runs:
+        for module, score in report.get(key, {}).items():
+            stages.setdefault(stage_of(module), []).append(score)
+    return ", ".join(f"{stage} {statistics.mean(v):.3f}" for stage, v in stages.items()) or "—"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -93,6 +99,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--canvas-size", type=int, default=48)
     p.add_argument("--clutter", type=int, default=4)
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun, gloo on CPU)")
+    p.add_argument("--rescore", action="store_true", help="evaluate finished runs again (no retraining)")
     return p
 
 

@@ -95,6 +95,8 @@ def test_evaluate_reports_accuracy_and_localisation(straight, capsys):
     assert 0.0 <= report["top1"] <= report["top5"] <= 1.0 and len(report["per_class"]) == 10
     assert list(report["localisation"]) == [f"layer{s}.{b}.cbam" for s in (1, 2, 3) for b in range(3)]
     assert all(0.0 <= v <= 1.0 for v in report["localisation"].values()) and 0.05 < report["box_share"] < 0.6
+    assert list(report["pointing"]) == list(report["localisation"])
+    assert all(0.0 <= v <= 1.0 for v in report["pointing"].values())
     assert evaluate_main([str(straight / "missing.safetensors")]) == 2
 
 

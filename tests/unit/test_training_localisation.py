@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.localisation import box_mask, box_share, localisation_score
+from training.localisation import box_mask, box_share, localisation_score, pointing_hit
 
 SIZE = (64, 64)
 BOXES = torch.tensor([[8, 16, 28, 40], [0, 0, 64, 64], [40, 4, 64, 20]])
@@ -41,3 +41,11 @@ def test_map_outside_the_box_scores_zero_and_half_and_half_scores_half():
     assert localisation_score(spatial, box, SIZE).item() == 0.0
     spatial[0, 0, 20:30, 10:20] = 1.0  # same mass inside the box
     assert localisation_score(spatial, box, SIZE).item() == pytest.approx(0.5)
+
+
+def test_pointing_game_checks_where_the_peak_cell_is():
+    spatial = torch.zeros(3, 1, 16, 16)
+    spatial[0, 0, 6, 3] = 1.0  # cell centre (14, 26) in canvas pixels: inside box 0 (x 8..28, y 16..40)
+    spatial[1, 0, 15, 15] = 1.0  # box 1 is the whole canvas
+    spatial[2, 0, 10, 2] = 1.0  # centre (10, 42): outside box 2 (x 40..64, y 4..20)
+    assert pointing_hit(spatial, BOXES, SIZE).tolist() == [True, True, False]
