@@ -49,4 +49,4 @@ demo-model: install
 
 # Plain vs BAM vs CBAM on cluttered-mnist, 3 seeds each, equal budget (docs/results.md).
 study: install
-	nice -n 10 $(PY) -m training.study --out runs/study --seeds 0 1 2 --epochs 3 --limit-train 4000 --nproc 2
+	nice -n 10 $(PY) -m training.study --out runs/study --seeds 0 1 2 --epochs 6 --limit-train 4000 --nproc 2

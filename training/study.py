@@ -1,6 +1,6 @@
 """``python -m training.study``: plain vs BAM vs CBAM on cluttered-mnist at an equal budget, several seeds.
 
-    python -m training.study --out runs/study --seeds 0 1 2 --epochs 3 --nproc 2
+    python -m training.study --out runs/study --seeds 0 1 2 --epochs 6 --nproc 2
 
 Every run gets the same data, epochs, batch size and schedule; only the attention module and the
 seed change. Each finished run is scored on the fixed test split with ``training.evaluate`` (top-1
@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--attention", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--arch", default="resnet20")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--limit-train", type=int, default=4000)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--lr", type=float, default=0.1)
