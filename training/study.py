@@ -105,7 +105,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    reports = {a: [run_one(args, a, seed) for seed in args.seeds] for a in args.attention}
+    reports: dict[str, list[dict[str, Any]]] = {a: [] for a in args.attention}
+    for seed in args.seeds:  # seed by seed, so an interrupted study still compares every variant
+        for attention in args.attention:
+            reports[attention].append(run_one(args, attention, seed))
     table = summarise(reports)
     out = Path(args.out)
     (out / "study.json").write_text(json.dumps({"args": vars(args), "runs": reports}, indent=2))
