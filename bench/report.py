@@ -16,6 +16,8 @@ def add_ratios(report: dict) -> None:
     """Adds ``x_limit``, ``x_limit_at_batch`` (Macula) and ``x_peer`` to each row, and ``goals`` to the report."""
     for row in report["rows"]:
         model = report["models"][row["model"]]
+        # requests per CPU-second the server's processes used: comparable even when other load takes cores
+        row["req_per_cpu_s"] = row["req_per_s"] / row["server_cpu_share"] if row["server_cpu_share"] else None
         row["x_limit"] = row["req_per_s"] / model["physical_limit_img_per_s"]
         if row.get("mean_batch_size"):
             points = [RawPoint(**p) for p in model["raw"]]
@@ -66,15 +68,16 @@ def markdown(report: dict) -> str:
                      f"**{model['physical_limit_img_per_s']:.1f} img/s**; reference top-1 {model['reference_top1']}")
     peer_cols = [f"x {s}" for s in servers]
     lines += ["", "| server | model | conc | req/s | p50 ms | p95 ms | p99 ms | errors | x limit | "
-              + " | ".join(peer_cols) + " | batch | wrk CPU | server CPU | top-1 ok |",
-              "|" + "---|" * (12 + len(peer_cols))]
+              + " | ".join(peer_cols) + " | batch | wrk CPU | server CPU | req/CPU-s | top-1 ok |",
+              "|" + "---|" * (13 + len(peer_cols))]
     for r in report["rows"]:
         ok = r["top1"] == report["models"][r["model"]]["reference_top1"]
         peers = [_fmt(r["x_peer"].get(s)) if s != r["server"] else "—" for s in servers]
         lines.append(f"| {r['server']} | {r['model']} | {r['concurrency']} | {r['req_per_s']:.1f} | "
                      f"{r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['error_count']} | "
                      f"{r['x_limit']:.2f} | " + " | ".join(peers) + f" | {_fmt(r.get('mean_batch_size'), 1)} | "
-                     f"{r['wrk_cpu_share']:.0%} | {r['server_cpu_share']:.0%} | {'yes' if ok else 'NO'} |")
+                     f"{r['wrk_cpu_share']:.0%} | {r['server_cpu_share']:.0%} | {_fmt(r.get('req_per_cpu_s'), 1)} | "
+                     f"{'yes' if ok else 'NO'} |")
     inside = [r for r in report["rows"] if r.get("mean_inference_ms") is not None]
     if inside:
         lines += ["", "Inside Macula (its own histograms over each run):", "",
@@ -90,3 +93,23 @@ def markdown(report: dict) -> str:
     for failure in report["failures"]:
         lines.append(f"\n**{failure['server']} / {failure['model']} did not run:** `{failure['error'][-500:]}`")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m bench.report OUT/serving.json``: recompute ratios and rewrite ``serving.md`` beside it."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("json", type=Path)
+    path = parser.parse_args(argv).json
+    report = json.loads(path.read_text())
+    add_ratios(report)
+    path.write_text(json.dumps(report, indent=1))
+    path.with_name("serving.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -45,17 +45,20 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "p99_ms": statistics.median(r["p99_ms"] for r in group),
                     "mean_batch_size": statistics.median(batches) if batches else None,
                     "server_cpu_share": statistics.median(r["server_cpu_share"] for r in group),
+                    "req_per_cpu_s": statistics.median(r["req_per_s"] / r["server_cpu_share"] for r in group
+                                                       if r["server_cpu_share"]),
                     "errors": sum(r["error_count"] for r in group)})
     return out
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| config | conc | req/s | p50 ms | p99 ms | batch | server CPU | errors |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | conc | req/s | p50 ms | p99 ms | batch | server CPU | req/CPU-s | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(summary, key=lambda s: (s["concurrency"], -s["req_per_s"])):
         batch = "" if s["mean_batch_size"] is None else f"{s['mean_batch_size']:.1f}"
         lines.append(f"| {s['config']} | {s['concurrency']} | {s['req_per_s']:.1f} | {s['p50_ms']:.1f} | "
-                     f"{s['p99_ms']:.1f} | {batch} | {s['server_cpu_share']:.0%} | {s['errors']} |")
+                     f"{s['p99_ms']:.1f} | {batch} | {s['server_cpu_share']:.0%} | {s['req_per_cpu_s']:.1f} | "
+                     f"{s['errors']} |")
     return "\n".join(lines) + "\n"
 
 

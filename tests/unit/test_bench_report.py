@@ -49,6 +49,7 @@ def test_ratios_to_limit_and_peers_and_goals():
     add_ratios(report)
     assert macula32["x_limit"] == pytest.approx(62 / limits.physical_limit(80, 0.0025))
     assert macula32["x_limit_at_batch"] == pytest.approx(62 / limits.physical_limit(60, 0.0025))
+    assert macula32["req_per_cpu_s"] == pytest.approx(62 / 1.5)
     assert macula32["x_peer"] == pytest.approx({"naive": 62 / 30, "litserve": 62 / 40})
     met = {g["goal"]: g["met"] for g in report["goals"]}
     assert met == {"x limit >= 0.9 @32": True, "x LitServe >= 1.5 @32": True, "p50 @1 <= naive p50 (ratio <= 1)": True}
@@ -85,6 +86,7 @@ def test_tuning_summary_takes_medians_over_rounds():
             for v, p, b in ((50, 400, 6.0), (70, 300, 8.0), (60, 350, 7.0))]
     (summary,) = summarise(rows)
     assert (summary["rounds"], summary["req_per_s"], summary["p50_ms"], summary["mean_batch_size"]) == (3, 60, 350, 7)
+    assert summary["req_per_cpu_s"] == pytest.approx(60 / 1.5)  # requests per CPU-second of the server
     assert "| MACULA_TORCH_THREADS=1 | 32 | 60.0 | 350.0 |" in tune_markdown([summary])
 
 
