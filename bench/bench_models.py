@@ -6,8 +6,9 @@
 A model spec is ``NAME[+ATTENTION]`` (``resnet18+cbam``) for ours, ``timm:resnet50+cbam`` for timm's CBAM
 ResNet (random weights, ``block_args=dict(attn_layer="cbam")``). On CUDA the forward runs under bf16 autocast.
 Other processes share the CPU, so the measurements of one (batch, format) are interleaved across models and
-repeated; each row reports the best (least disturbed) repeat and the median. Ratios are against the first
-plain model of the same architecture, at the same batch size and memory format.
+repeated; each row reports the best (least disturbed) repeat and the median. Ratios are against the plain
+model of the same architecture, at the same batch size and memory format: best ÷ best, and the median over
+rounds of the per-round ratio (the two ran back to back, so this one drifts least).
 """
 
 from __future__ import annotations
@@ -78,19 +79,23 @@ def measure(specs: list[str], batch: int, fmt: str, args: argparse.Namespace, de
         rows.append({"model": spec, "batch": batch, "format": fmt, "device": device.type, "size": args.size,
                      "dtype": "bf16-autocast" if device.type == "cuda" else "fp32", "threads": torch.get_num_threads(),
                      "ms_per_batch": round(best * 1e3, 3), "ms_per_batch_median": round(median * 1e3, 3),
-                     "img_s": round(batch / best, 2), "img_s_median": round(batch / median, 2)})
+                     "img_s": round(batch / best, 2), "img_s_median": round(batch / median, 2),
+                     "ms_per_batch_rounds": [round(t * 1e3, 3) for t in times[spec]]})
     add_ratios(rows)
     return rows
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``time_ratio`` = this model's time ÷ the plain model of the same architecture (same batch, format)."""
+    """``time_ratio``: best time ÷ the plain model's best (same architecture, batch, format);
+    ``time_ratio_median``: the median over rounds of the two models' times in that round."""
     plain = {r["model"]: r for r in rows if "+" not in r["model"]}
     for r in rows:
         base = plain.get(r["model"].removeprefix("timm:").partition("+")[0])
         if base is not None:
             r["time_ratio"] = round(r["ms_per_batch"] / base["ms_per_batch"], 3)
-            r["time_ratio_median"] = round(r["ms_per_batch_median"] / base["ms_per_batch_median"], 3)
+            # per round, model and plain ran back to back: the median of those ratios drifts least
+            per_round = [t / b for t, b in zip(r["ms_per_batch_rounds"], base["ms_per_batch_rounds"], strict=True)]
+            r["time_ratio_median"] = round(statistics.median(per_round), 3)
 
 
 def profile(specs: list[str], batch: int, fmt: str, args: argparse.Namespace, device: torch.device) -> None:
@@ -116,11 +121,11 @@ def profile(specs: list[str], batch: int, fmt: str, args: argparse.Namespace, de
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'model':<22} {'batch':>5} {'format':<13} {'dev':<4} {'img/s':>9} {'median':>9} {'ms/batch':>9} "
-          f"{'÷plain':>7}")
+          f"{'÷plain':>7} {'median÷':>7}")
     for r in rows:
-        ratio = f"{r['time_ratio']:.3f}" if "time_ratio" in r else ""
+        ratio = f"{r['time_ratio']:.3f} {r['time_ratio_median']:7.3f}" if "time_ratio" in r else ""
         print(f"{r['model']:<22} {r['batch']:>5} {r['format']:<13} {r['device']:<4} {r['img_s']:>9.1f} "
-              f"{r['img_s_median']:>9.1f} {r['ms_per_batch']:>9.2f} {ratio:>7}")
+              f"{r['img_s_median']:>9.1f} {r['ms_per_batch']:>9.2f} {ratio:>15}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
