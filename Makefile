@@ -50,3 +50,7 @@ demo-model: install
 # Plain vs BAM vs CBAM on cluttered-mnist, 3 seeds each, equal budget (docs/results.md).
 study: install
 	nice -n 10 $(PY) -m training.study --out runs/study --seeds 0 1 2 --epochs 6 --limit-train 4000 --nproc 2
+
+# Serving benchmark: raw limit, naive FastAPI, LitServe, TorchServe and Macula (docs/benchmarks.md).
+bench: install system-deps
+	$(PY) -m bench.run_serving
