@@ -8,29 +8,23 @@ real requests go through it, and then
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import re
 import shutil
-import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 import yaml
+from live_stack import prometheus, query, running_service, wait_until
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-
-from service.app import create_app
-from service.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -40,85 +34,6 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 METRIC = re.compile(r"\bmacula_[a-z0-9_]+")
 CUDA_ONLY = {"macula_gpu_memory_bytes"}
 CLIENT_OK = 'sum(macula_requests_total{status="200", route!~"/healthz|/readyz|/metrics"})'
-
-
-def wait_until(check: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-            last = exc
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
-
-
-def loopback_socket() -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    return sock
-
-
-@contextlib.contextmanager
-def running_service(model_dir: Path, audit_db: Path) -> Iterator[str]:
-    """create_app under uvicorn in a thread on a free loopback port; yields the base URL once /readyz is 200."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = Settings(model_dir=model_dir, audit_db=str(audit_db), device=device, torch_threads=1,
-                        decode_threads=1, drain_timeout_s=2)
-    sock = loopback_socket()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        wait_until(lambda: httpx.get(f"{base}/readyz", timeout=2).status_code == 200, 60, "the service to be ready")
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
-
-
-@contextlib.contextmanager
-def prometheus(target: str, workdir: Path) -> Iterator[str]:
-    """The Debian Prometheus on loopback, scraping ``target`` every second with the project's alert rules."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus missing: apt-get install prometheus (make system-deps)"
-    config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-              "rule_files": [str(ALERTS)],
-              "scrape_configs": [{"job_name": "macula", "static_configs": [{"targets": [target]}]}]}
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = (workdir / "prometheus.log").open("wb")
-    process = subprocess.Popen([binary, f"--config.file={workdir / 'prometheus.yml'}",
-                                f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}",
-                                "--log.level=warn"], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: process.poll() is None and httpx.get(f"{base}/-/ready", timeout=2).status_code == 200,
-                   30, "Prometheus to be ready")
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
-
-
-def query(base: str, promql: str) -> list[dict]:
-    reply = httpx.get(f"{base}/api/v1/query", params={"query": promql}, timeout=5)
-    body = reply.json()
-    assert reply.status_code == 200 and body["status"] == "success", (promql, body)
-    return body["data"]["result"]
 
 
 def png(seed: int) -> bytes:
@@ -163,9 +78,9 @@ def stack(gray_checkpoint, tmp_path_factory) -> Iterator[dict]:
     models = tmp_path_factory.mktemp("model_store")
     shutil.copy(gray_checkpoint, models / "demo.safetensors")
     work = tmp_path_factory.mktemp("stack")
-    with running_service(models, work / "audit.db") as base:
-        target = base.removeprefix("http://")
-        with prometheus(target, work) as prom:
+    with running_service(models, work / "audit.db") as target:
+        base = f"http://{target}"
+        with prometheus([target], work, rule_files=[ALERTS]) as prom:
             wait_until(lambda: query(prom, "up")[0]["value"][1] == "1", 20, "the first scrape")
             send_traffic(base)
             time.sleep(2)  # at least one scrape between the two waves, so rates are positive

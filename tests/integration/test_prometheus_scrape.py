@@ -12,91 +12,18 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-import socket
-import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
+from live_stack import prometheus, query, running_service, wait_until
 from PIL import Image
 
-from service.app import create_app
 from service.metrics import Metrics
-from service.settings import Settings
 
 pytestmark = pytest.mark.e2e
-
-PROMETHEUS = "/usr/bin/prometheus"
-SCRAPE_CONFIG = """\
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-scrape_configs:
-  - job_name: macula
-    static_configs:
-      - targets: [{targets}]
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(check: Callable[[], object], timeout: float, what: str) -> object:
-    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-            last_error = exc
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last error: {last_error!r})")
-
-
-@contextlib.contextmanager
-def prometheus(targets: list[str], workdir: Path) -> Iterator[str]:
-    """Run Prometheus scraping ``targets`` (host:port); yields its base URL."""
-    config = workdir / "prometheus.yml"
-    config.write_text(SCRAPE_CONFIG.format(targets=", ".join(f"'{t}'" for t in targets)))
-    port = free_port()
-    log = (workdir / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: process.poll() is None and httpx.get(f"{base}/-/ready", timeout=2).status_code == 200,
-                   timeout=30, what="Prometheus to become ready")
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
-
-
-def query(base: str, promql: str) -> list[dict]:
-    """An instant query's result vector."""
-    reply = httpx.get(f"{base}/api/v1/query", params={"query": promql}, timeout=5)
-    reply.raise_for_status()
-    body = reply.json()
-    assert body["status"] == "success", body
-    return body["data"]["result"]
 
 
 def scraped_value(base: str, promql: str) -> float | None:
@@ -129,27 +56,6 @@ def metrics_only_target(metrics: Metrics) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
-
-
-@contextlib.contextmanager
-def service_target(model_dir: Path, audit_db: Path) -> Iterator[str]:
-    """The real app under uvicorn in a thread on a free loopback port; yields host:port once ready."""
-    settings = Settings(model_dir=model_dir, audit_db=str(audit_db), device="cpu", torch_threads=1,
-                        decode_threads=1, max_batch_size=4, drain_timeout_s=2)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    target = f"127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        wait_until(lambda: httpx.get(f"http://{target}/readyz", timeout=2).status_code == 200, 60,
-                   "the service to be ready")
-        yield target
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-        sock.close()
 
 
 def png(seed: int) -> bytes:
@@ -191,7 +97,8 @@ def scraped(gray_checkpoint, tmp_path_factory) -> Iterator[dict]:
     models = tmp_path_factory.mktemp("model_store")
     shutil.copy(gray_checkpoint, models / "gray.safetensors")
     work = tmp_path_factory.mktemp("prometheus")
-    with (metrics_only_target(fed_metrics()) as bare, service_target(models, work / "audit.db") as app,
+    with (metrics_only_target(fed_metrics()) as bare,
+          running_service(models, work / "audit.db", max_batch_size=4) as app,
           prometheus([bare, app], work) as prom):
         answers = send_predictions(app)
         ok = f'macula_requests_total{{instance="{app}",route="/v1/models/{{name}}/predict",status="200"}}'
