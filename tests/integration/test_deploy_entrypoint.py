@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from live_stack import free_port
 from PIL import Image
 
 pytestmark = pytest.mark.e2e
@@ -53,12 +53,6 @@ def healthcheck(env: dict[str, str]) -> int:
     command = instruction_json("HEALTHCHECK")
     assert command[0] == "python"
     return subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30).returncode
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_entrypoint_serves_passes_its_healthcheck_and_drains_on_sigterm(gray_checkpoint, tmp_path):
