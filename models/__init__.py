@@ -2,10 +2,11 @@
 
 from .attention import BAM, CBAM, AttentionMap, make_attention
 from .checkpoint import CheckpointError, CheckpointMetadata, Preprocessing, load_checkpoint, save_checkpoint
+from .fusion import fold_batchnorm
 from .registry import create_model, list_models
 from .resnet import ResNet
 
 __all__ = [
     "BAM", "CBAM", "AttentionMap", "CheckpointError", "CheckpointMetadata", "Preprocessing", "ResNet",
-    "create_model", "list_models", "load_checkpoint", "make_attention", "save_checkpoint",
+    "create_model", "fold_batchnorm", "list_models", "load_checkpoint", "make_attention", "save_checkpoint",
 ]
