@@ -37,7 +37,7 @@ class Cancellable(Protocol):
 class Pending:
     """One queued image: its input, the future its request awaits, and its timing."""
 
-    inputs: Any  # np.ndarray (C, H, W)
+    inputs: Any  # np.ndarray: one image's uint8 (H, W, C) pixels
     future: Cancellable  # asyncio.Future in the service; cancelled when the client went away
     arrival: float  # time.monotonic() when queued
     deadline: float  # monotonic time after which it is answered 504 instead of computed

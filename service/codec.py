@@ -1,9 +1,11 @@
 """Bytes → model input, and attention masks → PNG: what happens to an image outside the model.
 
 Decoding runs in the bounded decode pool with PIL + numpy only (no torch ops, so no intra-op threads compete
-with the inference thread). The result matches ``Preprocessing.eval_transform()`` (the training eval pipeline)
-up to PIL-vs-torchvision resize rounding (≤ 1 grey level per pixel), with these deliberate, deterministic
-rules for inputs the training pipeline never sees:
+with the inference thread) and stops at the model-sized uint8 pixels: 4× less to stack and copy than floats,
+and the runner normalises a whole batch in one vectorised pass. Normalised (:func:`normalise`), the result
+matches ``Preprocessing.eval_transform()`` (the training eval pipeline) up to PIL-vs-torchvision resize
+rounding (≤ 1 grey level per pixel), with these deliberate, deterministic rules for inputs the training
+pipeline never sees:
 
 * EXIF orientation is applied first (``ImageOps.exif_transpose``); sizes reported are after it.
 * Alpha is dropped (``convert`` semantics, as torchvision's ``v2.RGB`` / ``v2.Grayscale`` do); palette images
@@ -40,9 +42,9 @@ DRAFT_MARGIN = 4
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """One image ready for the batcher: the normalised input plus what the audit record needs."""
+    """One image ready for the batcher: the model-sized pixels plus what the audit record needs."""
 
-    array: np.ndarray  # float32 (C, H, W), normalised
+    pixels: np.ndarray  # uint8 (H, W, C), resized and cropped; the runner normalises
     width: int  # original size, after EXIF orientation
     height: int
     sha256: str
@@ -149,21 +151,46 @@ def _center_crop(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return arr[top:top + out_h, left:left + out_w]
 
 
-def to_model_input(img: Image.Image, pre: Preprocessing) -> np.ndarray:
-    """PIL image in ``pre.color`` → normalised float32 (C, H, W): uint8 resize first, floats only at the end."""
-    size = _resize_size(img.width, img.height, pre)
-    if size != img.size:
-        img = img.resize(size, Image.Resampling.BILINEAR)
-    arr = _center_crop(np.asarray(img), *pre.input_size)
-    arr = arr[:, :, None] if arr.ndim == 2 else arr
+def _crop_box(img: Image.Image, resized: tuple[int, int], pre: Preprocessing) -> tuple[float, ...] | None:
+    """The source region that resize-then-center-crop keeps, for a downscale that needs no padding (else None).
+
+    Resizing only that region (``Image.resize(box=...)``) samples the same source points as resizing the whole
+    image and cropping, for ~1/3 less work on a 4:5 photo (measured equal to the full path: max 1 grey level).
+    """
+    (rw, rh), (ch, cw) = resized, pre.input_size
+    if pre.resize_mode != "center_crop" or cw > rw or ch > rh or rw > img.width or rh > img.height:
+        return None  # padding, or an upscale (cheap anyway; there the box path can differ by 2 grey levels)
+    top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+    sx, sy = img.width / rw, img.height / rh
+    return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
+
+
+def to_pixels(img: Image.Image, pre: Preprocessing) -> np.ndarray:
+    """PIL image in ``pre.color`` → the model's uint8 (H, W, C) pixels: resize + center crop, still in 8 bits.
+
+    Normalising to float is left to the model runner, which does it for a whole batch at once.
+    """
+    resized = _resize_size(img.width, img.height, pre)
+    box = _crop_box(img, resized, pre)
+    if box is not None:
+        arr = np.asarray(img.resize((pre.input_size[1], pre.input_size[0]), Image.Resampling.BILINEAR, box=box))
+    else:
+        arr = _center_crop(np.asarray(img if resized == img.size else img.resize(resized, Image.Resampling.BILINEAR)),
+                           *pre.input_size)
+    return np.ascontiguousarray(arr[:, :, None] if arr.ndim == 2 else arr)
+
+
+def normalise(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
+    """uint8 (H, W, C) → float32 (C, H, W), ``(x / 255 - mean) / std``: the reference for one image (the runner
+    does the same to a batch in torch)."""
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(((arr.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
+    return np.ascontiguousarray(((pixels.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
 
 
 def preprocess(data: bytes, *, max_pixels: int, pre: Preprocessing) -> DecodedImage:
-    """The whole client-bytes → model-input path, run in the decode pool."""
+    """The whole client-bytes → model-pixels path, run in the decode pool."""
     img, (width, height) = decode(data, max_pixels=max_pixels, pre=pre)
-    return DecodedImage(to_model_input(img, pre), width, height, hashlib.sha256(data).hexdigest(), len(data))
+    return DecodedImage(to_pixels(img, pre), width, height, hashlib.sha256(data).hexdigest(), len(data))
 
 
 def png_base64(mask: np.ndarray) -> str:

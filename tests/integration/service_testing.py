@@ -28,7 +28,9 @@ def model_dir_with(target: Path, **checkpoints: Path) -> Path:
 @asynccontextmanager
 async def serving(model_dir: Path, tmp_path: Path, **overrides) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The app with its lifespan running (models loaded and warmed up) and an httpx client on it."""
-    defaults = {"audit_db": str(tmp_path / "audit.db"), "device": "cpu", "max_batch_size": 8, "max_batch_delay_ms": 5}
+    # float32, so that answers compare with the plain model to 1e-3 (bf16 has its own runner and e2e tests)
+    defaults = {"audit_db": str(tmp_path / "audit.db"), "device": "cpu", "max_batch_size": 8, "max_batch_delay_ms": 5,
+                "amp_dtype": "none"}
     settings = Settings(model_dir=model_dir, **{**defaults, **overrides})
     app = create_app(settings)
     async with app.router.lifespan_context(app):

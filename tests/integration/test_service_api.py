@@ -49,6 +49,7 @@ async def test_health_ready_and_models(model_dir, tmp_path, gray_checkpoint):
         assert gray["version"] == meta.version and len(gray["version"]) == 12
         assert (gray["arch"], gray["attention"], gray["num_classes"]) == ("resnet20", "cbam", 10)
         assert gray["input_size"] == [32, 32] and gray["color"] == "L" and gray["classes"] == meta.class_names
+        assert gray["precision"] == "float32"  # amp_dtype="none" in these tests
         assert gray["training"]["dataset"] == "random-init"
         missing = await client.get("/v1/models/nope")
         assert missing.status_code == 404 and missing.json()["code"] == "model_not_found"

@@ -14,7 +14,7 @@ from PIL import Image
 from skimage import data
 
 from models import Preprocessing
-from service.codec import decode_base64, png_base64, preprocess
+from service.codec import _center_crop, _resize_size, decode_base64, normalise, png_base64, preprocess, to_pixels
 from service.errors import ServiceError
 
 RGB_PRE = Preprocessing(input_size=(64, 64), resize_mode="center_crop", resize_size=72)
@@ -31,6 +31,11 @@ def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
     return buf.getvalue()
 
 
+def model_input(blob: bytes, pre: Preprocessing, max_pixels: int = LIMIT) -> np.ndarray:
+    """Float (C, H, W) as the runner sees it: the codec's uint8 pixels, normalised."""
+    return normalise(preprocess(blob, max_pixels=max_pixels, pre=pre).pixels, pre)
+
+
 def reference(blob: bytes, pre: Preprocessing) -> np.ndarray:
     return pre.eval_transform()(Image.open(io.BytesIO(blob))).numpy()
 
@@ -45,41 +50,55 @@ def photo() -> Image.Image:
 def test_png_modes_match_the_eval_transform(photo, mode, pre):
     blob = encode(photo.convert(mode))
     out = preprocess(blob, max_pixels=LIMIT, pre=pre)
-    expected = reference(blob, pre)
-    assert out.array.shape == expected.shape == (len(pre.mean), *pre.input_size)
-    assert out.array.dtype == np.float32
-    assert np.abs(out.array - expected).max() <= ONE_LEVEL
+    assert out.pixels.shape == (*pre.input_size, len(pre.mean)) and out.pixels.dtype == np.uint8
+    expected, ours = reference(blob, pre), normalise(out.pixels, pre)
+    assert ours.shape == expected.shape == (len(pre.mean), *pre.input_size)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - expected).max() <= ONE_LEVEL
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
 def test_jpeg_and_webp_match_the_eval_transform(photo, fmt):
     blob = encode(photo, fmt, quality=90)
-    assert np.abs(preprocess(blob, max_pixels=LIMIT, pre=RGB_PRE).array - reference(blob, RGB_PRE)).max() \
-        <= ONE_LEVEL
+    assert np.abs(model_input(blob, RGB_PRE) - reference(blob, RGB_PRE)).max() <= ONE_LEVEL
+
+
+@pytest.mark.parametrize("size", [(500, 400), (400, 500), (333, 257), (72, 72), (640, 480), (60, 300)])
+def test_resizing_only_the_cropped_region_equals_resize_then_crop(photo, size):
+    img = photo.resize(size)
+    full = img.resize(_resize_size(*size, RGB_PRE), Image.Resampling.BILINEAR)
+    expected = _center_crop(np.asarray(full), *RGB_PRE.input_size)
+    diff = np.abs(to_pixels(img, RGB_PRE).astype(int) - expected.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+def test_a_crop_larger_than_the_resized_image_is_zero_padded(photo):
+    pre = Preprocessing(input_size=(64, 64), resize_mode="center_crop", resize_size=48)
+    pixels = to_pixels(photo, pre)
+    assert pixels.shape == (64, 64, 3) and pixels[:8].max() == 0 and pixels[32].max() > 0
 
 
 def test_cmyk_jpeg_is_converted_like_pillow_does(photo):
     blob = encode(photo.convert("CMYK"), "JPEG", quality=95)
     pre = Preprocessing(input_size=(224, 224), resize_size=256)  # large enough that no draft scaling kicks in
-    out = preprocess(blob, max_pixels=LIMIT, pre=pre)
-    assert np.abs(out.array - reference(blob, pre)).max() <= ONE_LEVEL
+    assert np.abs(model_input(blob, pre) - reference(blob, pre)).max() <= ONE_LEVEL
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped():
     camera = data.camera()  # uint8
     blob16 = encode(Image.fromarray(camera.astype(np.uint16) * 257))
     assert Image.open(io.BytesIO(blob16)).mode.startswith("I")
-    out16 = preprocess(blob16, max_pixels=LIMIT, pre=GRAY_PRE).array
-    out8 = preprocess(encode(Image.fromarray(camera)), max_pixels=LIMIT, pre=GRAY_PRE).array
+    out16 = preprocess(blob16, max_pixels=LIMIT, pre=GRAY_PRE).pixels
+    out8 = preprocess(encode(Image.fromarray(camera)), max_pixels=LIMIT, pre=GRAY_PRE).pixels
     np.testing.assert_array_equal(out16, out8)
 
 
 @pytest.mark.parametrize("pre", [RGB_PRE, GRAY_PRE], ids=["rgb", "gray"])
 def test_one_pixel_image(pre):
     out = preprocess(encode(Image.new("RGB", (1, 1), (200, 100, 50))), max_pixels=LIMIT, pre=pre)
-    assert out.array.shape == (len(pre.mean), *pre.input_size) and np.isfinite(out.array).all()
+    assert out.pixels.shape == (*pre.input_size, len(pre.mean))
     assert (out.width, out.height) == (1, 1)
-    assert np.ptp(out.array, axis=(1, 2)).max() == 0  # a uniform image stays uniform
+    assert np.ptp(out.pixels, axis=(0, 1)).max() == 0  # a uniform image stays uniform
 
 
 def test_palette_with_transparency_keeps_the_palette_colour():
@@ -88,7 +107,8 @@ def test_palette_with_transparency_keeps_the_palette_colour():
     img.info["transparency"] = 0
     out = preprocess(encode(img, transparency=0), max_pixels=LIMIT, pre=RGB_PRE)
     mean, std = np.array(RGB_PRE.mean), np.array(RGB_PRE.std)
-    np.testing.assert_allclose(out.array[:, 0, 0], (np.array([1.0, 0.0, 0.0]) - mean) / std, atol=1e-5)
+    np.testing.assert_allclose(normalise(out.pixels, RGB_PRE)[:, 0, 0], (np.array([1.0, 0.0, 0.0]) - mean) / std,
+                               atol=1e-5)
 
 
 def test_exif_orientation_is_applied():
@@ -101,13 +121,13 @@ def test_exif_orientation_is_applied():
                         color="L")
     out = preprocess(blob, max_pixels=LIMIT, pre=pre)
     assert (out.width, out.height) == (20, 40)
-    assert out.array[0, :15].mean() > 0.9 and out.array[0, 25:].mean() < 0.1
+    assert out.pixels[:15, :, 0].mean() > 230 and out.pixels[25:, :, 0].mean() < 25
 
 
 def test_large_jpeg_decoded_at_reduced_scale_stays_close(photo):
     big = photo.resize((photo.width * 4, photo.height * 4), Image.Resampling.BICUBIC)
     blob = encode(big, "JPEG", quality=95)
-    diff = np.abs(preprocess(blob, max_pixels=LIMIT, pre=RGB_PRE).array - reference(blob, RGB_PRE))
+    diff = np.abs(model_input(blob, RGB_PRE) - reference(blob, RGB_PRE))
     assert diff.mean() < 0.005 and diff.max() < 0.06
 
 
@@ -116,7 +136,7 @@ def test_animated_webp_uses_its_first_frame():
     buf = io.BytesIO()
     frames[0].save(buf, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
     out = preprocess(buf.getvalue(), max_pixels=LIMIT, pre=RGB_PRE)
-    assert out.array[0].mean() > out.array[2].mean()  # red, not blue
+    assert out.pixels[..., 0].mean() > out.pixels[..., 2].mean()  # red, not blue
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -189,7 +209,7 @@ def test_same_top1_as_the_eval_transform_on_real_photos(rgb_checkpoint, name):
     photo = Image.fromarray(getattr(data, name)())
     for img in (photo, photo.resize((photo.width * 3, photo.height * 3))):  # the second one takes the draft path
         blob = encode(img, "JPEG", quality=92)
-        ours = torch.from_numpy(preprocess(blob, max_pixels=LIMIT, pre=meta.preprocessing).array)
+        ours = torch.from_numpy(model_input(blob, meta.preprocessing))
         theirs = meta.preprocessing.eval_transform()(Image.open(io.BytesIO(blob)))
         with torch.no_grad():
             logits = model(torch.stack([ours, theirs]))

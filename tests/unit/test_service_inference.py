@@ -1,5 +1,6 @@
-"""The model runner: same scores as the plain model, masks = round(255 x spatial), batching-invariant results,
-CUDA out-of-memory split and retry, output count checked."""
+"""The model runner: same scores as the plain model (BN folded, uint8 pixels normalised per batch), masks =
+round(255 x spatial), batching-invariant results, the CPU precision rule, CUDA out-of-memory split and retry,
+output count checked."""
 
 from __future__ import annotations
 
@@ -8,20 +9,24 @@ import pytest
 import torch
 
 from models import load_checkpoint
-from service.inference import ModelRunner
+from service.codec import normalise
+from service.inference import ModelRunner, autocast_dtype
 
 
 @pytest.fixture(scope="module")
 def inputs() -> np.ndarray:
-    return np.random.default_rng(0).normal(size=(6, 1, 32, 32)).astype(np.float32)
+    """Six grey 32x32 images as the codec hands them over: uint8 (N, H, W, C)."""
+    return np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 1), dtype=np.uint8)
 
 
-def test_scores_and_masks_match_the_model(gray_checkpoint, inputs):
-    runner = ModelRunner("gray", gray_checkpoint, device="cpu", channels_last=True)
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_scores_and_masks_match_the_model(gray_checkpoint, inputs, channels_last):
+    runner = ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype="none", channels_last=channels_last)
     results = runner.run(inputs, attention=True)
-    model, _ = load_checkpoint(gray_checkpoint)
+    model, meta = load_checkpoint(gray_checkpoint)
+    x = torch.from_numpy(np.stack([normalise(p, meta.preprocessing) for p in inputs]))
     with torch.no_grad():
-        logits, maps = model.forward_with_attention(torch.from_numpy(inputs))
+        logits, maps = model.eval().forward_with_attention(x)
     np.testing.assert_allclose(np.stack([r.scores for r in results]), logits.softmax(1).numpy(), atol=1e-5)
     for i, result in enumerate(results):
         assert list(result.masks) == list(maps)
@@ -31,8 +36,9 @@ def test_scores_and_masks_match_the_model(gray_checkpoint, inputs):
             assert np.abs(result.masks[name].astype(np.float64) - expected).max() <= 1
 
 
-def test_results_do_not_depend_on_the_batch(gray_checkpoint, inputs):
-    runner = ModelRunner("gray", gray_checkpoint, device="cpu")
+@pytest.mark.parametrize("amp_dtype", ["none", "bfloat16"])
+def test_results_do_not_depend_on_the_batch(gray_checkpoint, inputs, amp_dtype):
+    runner = ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype=amp_dtype)
     together = np.stack([r.scores for r in runner.run(inputs)])
     alone = np.stack([runner.run(inputs[i:i + 1])[0].scores for i in range(len(inputs))])
     np.testing.assert_allclose(together, alone, atol=1e-5)
@@ -75,11 +81,35 @@ def test_warm_up_runs_every_batch_size(rgb_checkpoint, monkeypatch):
     assert sizes == [1, 2, 3, 4]
 
 
+def test_cpu_autocasts_to_bf16_only_with_native_support():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cpu, "bfloat16", native_cpu_bf16=True) is torch.bfloat16
+    assert autocast_dtype(cpu, "bfloat16", native_cpu_bf16=False) is None
+    assert autocast_dtype(cpu, "float16", native_cpu_bf16=True) is None  # no fast fp16 CPU kernels
+    assert autocast_dtype(cpu, "none", native_cpu_bf16=True) is None
+    assert autocast_dtype(cuda, "float16") is torch.float16 and autocast_dtype(cuda, "none") is None
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_float32(rgb_checkpoint):
+    """bf16 is forced here (it runs, if slowly, on any CPU): same top-1, scores and masks within bf16 rounding."""
+    x = np.random.default_rng(2).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+    exact = ModelRunner("rgb", rgb_checkpoint, device="cpu", amp_dtype="none")
+    fast = ModelRunner("rgb", rgb_checkpoint, device="cpu", amp_dtype="none")
+    fast.amp_dtype = torch.bfloat16
+    assert (exact.precision, fast.precision) == ("float32", "bfloat16")
+    for e, f in zip(exact.run(x, attention=True), fast.run(x, attention=True), strict=True):
+        assert e.scores.argmax() == f.scores.argmax()
+        np.testing.assert_allclose(f.scores, e.scores, atol=0.02)
+        for name, mask in e.masks.items():
+            diff = np.abs(mask.astype(int) - f.masks[name].astype(int))
+            assert diff.mean() < 1.5 and diff.max() <= 16  # of 255 levels
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_amp_channels_last_agrees_with_cpu(rgb_checkpoint):
-    x = np.random.default_rng(1).normal(size=(8, 3, 32, 32)).astype(np.float32)
-    cpu = ModelRunner("rgb", rgb_checkpoint, device="cpu").run(x, attention=True)
+    x = np.random.default_rng(1).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
+    cpu = ModelRunner("rgb", rgb_checkpoint, device="cpu", amp_dtype="none").run(x, attention=True)
     gpu = ModelRunner("rgb", rgb_checkpoint, device="cuda", amp_dtype="bfloat16").run(x, attention=True)
     for c, g in zip(cpu, gpu, strict=True):
         assert c.scores.argmax() == g.scores.argmax()
