@@ -3,10 +3,15 @@
 ``physical limit = 1 / (1 / best_raw_img_per_s + decode_s)``: the model at its best batch size and memory
 format (``torch.inference_mode``, all cores), plus a plain PIL decode -> resize 256 -> crop 224 -> normalise of
 the benchmark JPEG, both measured in the same run as the servers.
+
+One limit per precision: ``float32`` is the checkpoint's model as loaded (the limit the issue defines, and
+what the peers run); ``bfloat16`` is the model as Macula serves it on a CPU with native bf16 (BatchNorm
+folded, bf16 autocast), so that Macula is also held to the limit of the very computation it runs.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import statistics
 import time
@@ -19,8 +24,9 @@ from PIL import Image
 from torch import nn
 
 from bench.bench_models import time_batches
-from models import Preprocessing
+from models import Preprocessing, fold_batchnorm
 
+PRECISIONS = ("float32", "bfloat16")
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
@@ -31,43 +37,59 @@ class RawPoint:
     img_per_s: float
     ms_per_batch: float
     threads: int = 0  # torch intra-op threads it ran with
+    precision: str = "float32"
 
 
-def time_forward(model: nn.Module, batch: torch.Tensor, *, min_time_s: float, rounds: int = 3) -> float:
+def as_served(model: nn.Module, precision: str) -> tuple[nn.Module, object]:
+    """(model, autocast factory) for ``precision``: float32 is ``model`` itself; bfloat16 is a BN-folded copy
+    under CPU bf16 autocast, as Macula's runner serves it."""
+    if precision == "float32":
+        return model, nullcontext
+    if precision != "bfloat16":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return fold_batchnorm(copy.deepcopy(model).eval()), lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def time_forward(model: nn.Module, batch: torch.Tensor, *, min_time_s: float, rounds: int = 3,
+                 autocast=nullcontext) -> float:
     """Seconds per forward of ``batch``: the best of ``rounds`` timed rounds (the least disturbed by other
     processes), together lasting about ``min_time_s``; uses the model-throughput bench's timer."""
-    first = time_batches(model, batch, 2, nullcontext)  # warm-up, and the estimate that sizes the rounds
+    first = time_batches(model, batch, 2, autocast)  # warm-up, and the estimate that sizes the rounds
     iters = max(1, round(min_time_s / rounds / max(first, 1e-6)))
-    return min(time_batches(model, batch, iters, nullcontext) for _ in range(rounds))
+    return min(time_batches(model, batch, iters, autocast) for _ in range(rounds))
 
 
 def raw_throughput(model: nn.Module, input_size: tuple[int, int], channels: int, *, batch_sizes: list[int],
-                   min_time_s: float = 1.0, thread_counts: list[int] | None = None) -> list[RawPoint]:
-    """img/s of ``model`` for each thread count, memory format and batch size (random input: the cost does not
-    depend on it). Fewer threads than cores can win on a shared machine, where a 2-thread OpenMP barrier
-    waits for a descheduled thread."""
+                   min_time_s: float = 1.0, thread_counts: list[int] | None = None,
+                   precisions: tuple[str, ...] = ("float32",)) -> list[RawPoint]:
+    """img/s of ``model`` for each precision, thread count, memory format and batch size (random input: the
+    cost does not depend on it). Fewer threads than cores can win on a shared machine, where a 2-thread
+    OpenMP barrier waits for a descheduled thread."""
     points, restore = [], torch.get_num_threads()
-    for threads in thread_counts or [restore]:
-        torch.set_num_threads(threads)
-        for name, memory_format in MEMORY_FORMATS.items():
-            model = model.to(memory_format=memory_format)
-            for batch_size in batch_sizes:
-                x = torch.randn(batch_size, channels, *input_size).to(memory_format=memory_format)
-                seconds = time_forward(model, x, min_time_s=min_time_s)
-                points.append(RawPoint(batch_size, name, batch_size / seconds, seconds * 1000, threads))
+    for precision in precisions:
+        net, autocast = as_served(model, precision)
+        for threads in thread_counts or [restore]:
+            torch.set_num_threads(threads)
+            for name, memory_format in MEMORY_FORMATS.items():
+                net = net.to(memory_format=memory_format)
+                for batch_size in batch_sizes:
+                    x = torch.randn(batch_size, channels, *input_size).to(memory_format=memory_format)
+                    seconds = time_forward(net, x, min_time_s=min_time_s, autocast=autocast)
+                    points.append(RawPoint(batch_size, name, batch_size / seconds, seconds * 1000, threads,
+                                           precision))
     torch.set_num_threads(restore)
     model.to(memory_format=torch.contiguous_format)
     return points
 
 
-def best(points: list[RawPoint]) -> RawPoint:
-    return max(points, key=lambda p: p.img_per_s)
+def best(points: list[RawPoint], precision: str = "float32") -> RawPoint:
+    return max((p for p in points if p.precision == precision), key=lambda p: p.img_per_s)
 
 
-def raw_at_batch(points: list[RawPoint], batch_size: float) -> float:
+def raw_at_batch(points: list[RawPoint], batch_size: float, precision: str = "float32") -> float:
     """Best img/s (any format, thread count) at ``batch_size``, interpolated between the measured sizes."""
     by_size: dict[int, float] = {}
-    for p in points:
+    for p in (p for p in points if p.precision == precision):
         by_size[p.batch_size] = max(by_size.get(p.batch_size, 0.0), p.img_per_s)
     sizes = sorted(by_size)
     return float(np.interp(batch_size, sizes, [by_size[s] for s in sizes]))
@@ -107,12 +129,16 @@ def physical_limit(raw_img_per_s: float, decode_s: float) -> float:
 
 
 def measure(model: nn.Module, pre: Preprocessing, jpeg: bytes, *, batch_sizes: list[int], min_time_s: float,
-            thread_counts: list[int] | None = None, decode_repeats: int = 50) -> dict:
-    """Raw points, decode cost and the physical limit of one model, as a JSON-ready dict."""
+            thread_counts: list[int] | None = None, decode_repeats: int = 50,
+            precisions: tuple[str, ...] = ("float32",)) -> dict:
+    """Raw points, decode cost and the physical limit (per precision; the top level is float32's) of one model,
+    as a JSON-ready dict."""
     channels = 3 if pre.color == "RGB" else 1
     points = raw_throughput(model, pre.input_size, channels, batch_sizes=batch_sizes, min_time_s=min_time_s,
-                            thread_counts=thread_counts)
+                            thread_counts=thread_counts, precisions=precisions)
     decode_s = decode_seconds(jpeg, pre, repeats=decode_repeats)
-    top = best(points)
-    return {"torch_threads": torch.get_num_threads(), "raw": [asdict(p) for p in points], "best_raw": asdict(top),
-            "decode_ms": decode_s * 1000, "physical_limit_img_per_s": physical_limit(top.img_per_s, decode_s)}
+    per_precision = {p: {"best_raw": asdict(best(points, p)),
+                         "physical_limit_img_per_s": physical_limit(best(points, p).img_per_s, decode_s)}
+                     for p in precisions}
+    return {"torch_threads": torch.get_num_threads(), "raw": [asdict(p) for p in points], "decode_ms": decode_s * 1000,
+            **per_precision["float32"], "limits": per_precision}

@@ -29,7 +29,7 @@ from bench.report import add_ratios, markdown
 from bench.servers.common import Classifier
 from bench.servers.launch import SERVERS, BatchConfig, RunningServer, top1
 from bench.servers.procstat import group_cpu_seconds
-from bench.servers.scrape import macula_stats, means_between
+from bench.servers.scrape import macula_precision, macula_stats, means_between
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,15 @@ def default_batch() -> BatchConfig:
     except ImportError:
         CPU_BATCH_DEFAULTS = (8, 3.0)  # noqa: N806 (mirrors the service constant)
     return BatchConfig(*CPU_BATCH_DEFAULTS)
+
+
+def default_precisions() -> list[str]:
+    """float32, plus bfloat16 where Macula would serve in it (a CPU with native bf16)."""
+    try:
+        from service.inference import cpu_has_native_bf16
+    except ImportError:
+        return ["float32"]
+    return ["float32", "bfloat16"] if cpu_has_native_bf16() else ["float32"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--raw-time", type=float, default=1.0, help="seconds per raw (threads, format, batch) point")
     p.add_argument("--raw-threads", type=lambda s: [int(x) for x in csv(s)],
                    default=sorted({1, torch.get_num_threads()}), help="torch thread counts for the raw limit")
+    p.add_argument("--raw-precisions", type=csv, default=default_precisions(),
+                   help="limits to measure besides float32 (default: bfloat16 where the CPU has native bf16)")
     p.add_argument("--port", type=int, default=8100, help="first port; each server gets port + 10 * i")
     p.add_argument("--macula-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra MACULA_* setting for the Macula server (repeatable; for tuning runs)")
@@ -72,11 +83,13 @@ def model_limits(key: str, ckpt: Path, jpeg: bytes, args: argparse.Namespace) ->
     result = {"reference_top1": int(top2.indices[0]), "reference_margin": float(top2.values[0] - top2.values[1])}
     result |= limits.measure(classifier.model, classifier.meta.preprocessing, jpeg,
                              batch_sizes=args.raw_batch_sizes, min_time_s=args.raw_time,
-                             thread_counts=args.raw_threads)
-    print(f"[{key}] raw best {result['best_raw']['img_per_s']:.1f} img/s "
-          f"(batch {result['best_raw']['batch_size']}, {result['best_raw']['memory_format']}, "
-          f"{result['best_raw']['threads']} threads), "
-          f"decode {result['decode_ms']:.2f} ms -> limit {result['physical_limit_img_per_s']:.1f} img/s", flush=True)
+                             thread_counts=args.raw_threads,
+                             precisions=tuple(dict.fromkeys(["float32", *args.raw_precisions])))
+    for precision, limit in result["limits"].items():
+        top = limit["best_raw"]
+        print(f"[{key}] {precision} raw best {top['img_per_s']:.1f} img/s (batch {top['batch_size']}, "
+              f"{top['memory_format']}, {top['threads']} threads), decode {result['decode_ms']:.2f} ms "
+              f"-> limit {limit['physical_limit_img_per_s']:.1f} img/s", flush=True)
     del classifier
     gc.collect()
     return result
@@ -93,6 +106,7 @@ def measure_server(server: str, key: str, ckpt: Path, jpeg_path: Path, port: int
     with RunningServer(launch, work / "server.log") as running:
         answer = running.predict(jpeg_path.read_bytes())
         served_top1 = top1(server, answer)
+        precision = macula_precision(launch, key) if server == "macula" else "float32"
         if args.warmup > 0:
             run_wrk(launch.predict_url, jpeg_path, concurrency=max(args.concurrency), duration_s=args.warmup)
         for concurrency in args.concurrency:
@@ -100,7 +114,7 @@ def measure_server(server: str, key: str, ckpt: Path, jpeg_path: Path, port: int
             cpu_before, load_before = group_cpu_seconds(running.proc.pid), os.getloadavg()[0]
             result = run_wrk(launch.predict_url, jpeg_path, concurrency=concurrency, duration_s=args.duration)
             server_cpu = group_cpu_seconds(running.proc.pid) - cpu_before
-            row = {"server": server, "model": key, "top1": served_top1, **result.to_dict(),
+            row = {"server": server, "model": key, "precision": precision, "top1": served_top1, **result.to_dict(),
                    "server_cpu_share": server_cpu / result.duration_s, "loadavg_1m_before": load_before,
                    "loadavg_1m_after": os.getloadavg()[0]}
             if stats_before is not None:

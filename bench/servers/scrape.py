@@ -1,4 +1,5 @@
-"""Read Macula's own histograms around a load run: batch sizes formed, decode, inference and queue-wait time."""
+"""Read Macula's own histograms around a load run (batch sizes formed, decode, inference and queue-wait time),
+and the precision it runs a model in."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ from bench.servers.launch import Launch
 
 HISTOGRAMS = {"batch_size": "macula_batch_size", "preprocess_s": "macula_preprocess_duration_seconds",
               "inference_s": "macula_inference_duration_seconds", "queue_wait_s": "macula_queue_wait_seconds"}
+
+
+def macula_precision(launch: Launch, model: str) -> str:
+    """``float32`` or the autocast dtype, as ``GET /v1/models/{model}`` reports it."""
+    base = launch.ready_url.rsplit("/", 1)[0]
+    return httpx.get(f"{base}/v1/models/{model}", timeout=10).json().get("precision", "float32")
 
 
 def macula_stats(launch: Launch, model: str) -> dict[str, tuple[float, float]]:

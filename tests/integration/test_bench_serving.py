@@ -46,4 +46,6 @@ def test_tiny_serving_run_writes_parseable_results(tmp_path):
         assert row["requests"] > 0 and row["error_count"] == 0
         assert row["top1"] == model["reference_top1"]  # each server answers like the model run directly
         assert row["x_limit"] > 0 and set(row["x_peer"]) == {"naive", "macula"} - {row["server"]}
-    assert "| macula | resnet20 | 1 |" in (tmp_path / "serving.md").read_text()
+        assert row["precision"] in model["limits"] and row["x_own_limit"] > 0  # Macula's precision was measured
+    macula = next(r for r in report["rows"] if r["server"] == "macula")
+    assert f"| macula | resnet20 | {macula['precision']} | 1 |" in (tmp_path / "serving.md").read_text()

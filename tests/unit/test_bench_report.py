@@ -52,10 +52,30 @@ def test_ratios_to_limit_and_peers_and_goals():
     assert macula32["req_per_cpu_s"] == pytest.approx(62 / 1.5)
     assert macula32["x_peer"] == pytest.approx({"naive": 62 / 30, "litserve": 62 / 40})
     met = {g["goal"]: g["met"] for g in report["goals"]}
-    assert met == {"x limit >= 0.9 @32": True, "x LitServe >= 1.5 @32": True, "p50 @1 <= naive p50 (ratio <= 1)": True}
+    assert met == {"x limit (float32) >= 0.9 @32": True, "x LitServe >= 1.5 @32": True,
+                   "p50 @1 <= naive p50 (ratio <= 1)": True}
     text = markdown(report)
-    assert "| macula | m | 32 | 62.0 |" in text and "x litserve" in text
+    assert "| macula | m | float32 | 32 | 62.0 |" in text and "x litserve" in text
     assert "| m | 32 | 4.0 |  | 90.0 |  |" in text  # Macula's own breakdown
+
+
+def test_a_bf16_server_is_held_to_the_bf16_limit():
+    report = _report([_row("litserve", 32, 40, 700), _row("macula", 32, 100, 300, precision="bfloat16",
+                                                          mean_batch_size=8.0)])
+    bf16_raw = [{"batch_size": b, "memory_format": "channels_last", "img_per_s": v, "ms_per_batch": 1000 * b / v,
+                 "precision": "bfloat16"} for b, v in ((1, 70.0), (8, 140.0))]
+    model = report["models"]["m"]
+    model["raw"] += bf16_raw
+    model["limits"] = {"float32": {"best_raw": model["best_raw"], "physical_limit_img_per_s": 50.0},
+                       "bfloat16": {"best_raw": bf16_raw[-1], "physical_limit_img_per_s": 105.0}}
+    add_ratios(report)
+    macula = report["rows"][1]
+    assert macula["x_limit"] == pytest.approx(100 / model["physical_limit_img_per_s"])  # the float32 limit
+    assert macula["x_own_limit"] == pytest.approx(100 / 105)
+    assert macula["x_limit_at_batch"] == pytest.approx(100 / limits.physical_limit(140, 0.0025))
+    goal = next(g for g in report["goals"] if g["goal"].startswith("x limit"))
+    assert goal["goal"] == "x limit (bfloat16) >= 0.9 @32" and goal["value"] == pytest.approx(100 / 105)
+    assert "| macula | m | bfloat16 | 32 | 100.0 |" in markdown(report)
 
 
 def test_goals_report_misses():
