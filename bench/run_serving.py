@@ -26,7 +26,7 @@ from bench import limits
 from bench.load import run_wrk
 from bench.payload import BENCH_MODELS, write_checkpoint, write_jpeg
 from bench.report import add_ratios, markdown
-from bench.servers.common import Classifier
+from bench.servers.common import PRECISION_ENV, Classifier
 from bench.servers.launch import SERVERS, BatchConfig, RunningServer, top1
 from bench.servers.procstat import group_cpu_seconds
 from bench.servers.scrape import macula_precision, macula_stats, means_between
@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    default=sorted({1, torch.get_num_threads()}), help="torch thread counts for the raw limit")
     p.add_argument("--raw-precisions", type=csv, default=default_precisions(),
                    help="limits to measure besides float32 (default: bfloat16 where the CPU has native bf16)")
+    p.add_argument("--peer-precision", choices=["float32", "bfloat16"], default="float32",
+                   help="run the peers' model in this precision too (bfloat16: BN folded + CPU bf16 autocast)")
     p.add_argument("--port", type=int, default=8100, help="first port; each server gets port + 10 * i")
     p.add_argument("--macula-env", action="append", default=[], metavar="KEY=VALUE",
                    help="extra MACULA_* setting for the Macula server (repeatable; for tuning runs)")
@@ -102,11 +104,13 @@ def measure_server(server: str, key: str, ckpt: Path, jpeg_path: Path, port: int
     launch = SERVERS[server](ckpt.resolve(), key, port, work, batch)
     if server == "macula":
         launch.env |= dict(kv.split("=", 1) for kv in args.macula_env)
+    else:
+        launch.env[PRECISION_ENV] = args.peer_precision
     rows = []
     with RunningServer(launch, work / "server.log") as running:
         answer = running.predict(jpeg_path.read_bytes())
         served_top1 = top1(server, answer)
-        precision = macula_precision(launch, key) if server == "macula" else "float32"
+        precision = macula_precision(launch, key) if server == "macula" else args.peer_precision
         if args.warmup > 0:
             run_wrk(launch.predict_url, jpeg_path, concurrency=max(args.concurrency), duration_s=args.warmup)
         for concurrency in args.concurrency:
