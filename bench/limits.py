@@ -6,7 +6,7 @@ the benchmark JPEG, both measured in the same run as the servers.
 
 One limit per precision: ``float32`` is the checkpoint's model as loaded (the limit the issue defines, and
 what the peers run); ``bfloat16`` is the model as Macula serves it on a CPU with native bf16 (BatchNorm
-folded, bf16 autocast), so that Macula is also held to the limit of the very computation it runs.
+folded, bf16 weights, bf16 autocast), so that Macula is also held to the limit of the very computation it runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from PIL import Image
 from torch import nn
 
 from bench.bench_models import time_batches
-from models import Preprocessing, fold_batchnorm
+from models import Preprocessing
+from service.inference import prepare_for_serving
 
 PRECISIONS = ("float32", "bfloat16")
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -41,13 +42,14 @@ class RawPoint:
 
 
 def as_served(model: nn.Module, precision: str) -> tuple[nn.Module, object]:
-    """(model, autocast factory) for ``precision``: float32 is ``model`` itself; bfloat16 is a BN-folded copy
-    under CPU bf16 autocast, as Macula's runner serves it."""
+    """(model, autocast factory) for ``precision``: float32 is ``model`` itself; bfloat16 is a copy prepared as
+    Macula's CPU runner serves it (BatchNorm folded, bf16 weights) under CPU bf16 autocast."""
     if precision == "float32":
         return model, nullcontext
     if precision != "bfloat16":
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return fold_batchnorm(copy.deepcopy(model).eval()), lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    served = prepare_for_serving(copy.deepcopy(model), torch.device("cpu"), torch.bfloat16)
+    return served, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def time_forward(model: nn.Module, batch: torch.Tensor, *, min_time_s: float, rounds: int = 3,

@@ -1,5 +1,5 @@
 """What serving in bf16 changes: a checkpoint scored on its own test split in float32 and as Macula serves it on a
-CPU with native bf16 (BatchNorm folded, bf16 autocast), image by image.
+CPU with native bf16 (BatchNorm folded, bf16 weights and autocast), image by image.
 
     .venv/bin/python -m bench.precision model_store/demo.safetensors --json bench/out/precision.json
 
@@ -10,14 +10,14 @@ uint8 masks (round(255 × spatial), what the API returns) move, in grey levels.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from models import fold_batchnorm, load_checkpoint
+from bench.limits import as_served
+from models import load_checkpoint
 from training.data import limit
 from training.evaluate import data_config, eval_split
 
@@ -30,12 +30,12 @@ def masks_uint8(maps: dict) -> torch.Tensor:
 @torch.inference_mode()
 def compare(model: torch.nn.Module, loader: DataLoader) -> dict:
     exact = model.eval()
-    served = fold_batchnorm(copy.deepcopy(model).eval())
+    served, autocast = as_served(exact, "bfloat16")
     n = agree = right_exact = right_served = 0
     max_score_delta, mask_deltas = 0.0, []
     for images, labels, *_ in loader:
         logits, maps = exact.forward_with_attention(images)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             logits_bf16, maps_bf16 = served.forward_with_attention(images)
         probs, probs_bf16 = logits.softmax(1), logits_bf16.float().softmax(1)
         top, top_bf16 = probs.argmax(1), probs_bf16.argmax(1)

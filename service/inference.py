@@ -4,9 +4,11 @@ Runs on the batcher's inference thread only. At load every BatchNorm is folded i
 faster on CPU). A batch arrives as the codec's uint8 (N, H, W, C) pixels: stacking and copying 8-bit pixels
 costs a quarter of floats (and a quarter of the host→GPU copy), and normalising the whole batch is one
 vectorised pass whose result is already channels_last. Autocast follows ``amp_dtype`` (bf16 by default) on
-CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX: 1.6–2× float32 on 2 Zen 4 cores; elsewhere emulated
-bf16 is slower, so float32). CUDA also gets pinned host memory and non-blocking copies; an out-of-memory
-batch is split in halves and retried.
+CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX: 2–3.5× float32 on 2 Sapphire Rapids cores, see
+docs/benchmarks.md; elsewhere emulated bf16 is slower, so float32). On such a CPU the weights are also cast
+to bf16 once at load, since CPU autocast would re-cast every conv weight on every forward; the outputs are
+bit-identical. CUDA also gets pinned host memory and non-blocking copies; an out-of-memory batch is split in
+halves and retried.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from models import CheckpointMetadata, fold_batchnorm, load_checkpoint
 
@@ -39,6 +42,14 @@ def autocast_dtype(device: torch.device, amp_dtype: str, *, native_cpu_bf16: boo
     return dtype if dtype is torch.bfloat16 and native else None
 
 
+def prepare_for_serving(model: nn.Module, device: torch.device, dtype: torch.dtype | None, *,
+                        memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
+    """``model`` as a runner serves it: in eval mode, BatchNorm folded, in ``memory_format``; on CPU under
+    bf16 autocast (``dtype``) its weights are bf16 already, so autocast casts only the input (in place)."""
+    model = fold_batchnorm(model.eval()).to(memory_format=memory_format)
+    return model.to(torch.bfloat16) if device.type == "cpu" and dtype is torch.bfloat16 else model
+
+
 @dataclass
 class ImageResult:
     """One image's output: softmax scores and, when asked, each attention module's spatial map as uint8."""
@@ -51,13 +62,13 @@ class ModelRunner:
     """One served model on one device."""
 
     def __init__(self, name: str, path: Path, *, device: str = "cpu", amp_dtype: str = "bfloat16",
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, native_cpu_bf16: bool | None = None) -> None:
         self.name, self.path, self.device = name, path, torch.device(device)
         model, self.meta = load_checkpoint(path, map_location=self.device)
         self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = fold_batchnorm(model.eval()).to(memory_format=self.memory_format)
-        self.amp_dtype = autocast_dtype(self.device, amp_dtype)
+        self.amp_dtype = autocast_dtype(self.device, amp_dtype, native_cpu_bf16=native_cpu_bf16)
+        self.model = prepare_for_serving(model, self.device, self.amp_dtype, memory_format=self.memory_format)
         self.has_attention = bool(self.meta.arch.get("attention"))
         pre = self.meta.preprocessing  # (x / 255 - mean) / std  ==  (x - 255 mean) / (255 std)
         self.pixel_mean = torch.tensor(pre.mean, device=self.device).mul(255).view(1, -1, 1, 1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import load_checkpoint
+from models import fold_batchnorm, load_checkpoint
 from service.codec import normalise
 from service.inference import ModelRunner, autocast_dtype
 
@@ -94,8 +94,7 @@ def test_bf16_autocast_on_cpu_stays_close_to_float32(rgb_checkpoint):
     """bf16 is forced here (it runs, if slowly, on any CPU): same top-1, scores and masks within bf16 rounding."""
     x = np.random.default_rng(2).integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
     exact = ModelRunner("rgb", rgb_checkpoint, device="cpu", amp_dtype="none")
-    fast = ModelRunner("rgb", rgb_checkpoint, device="cpu", amp_dtype="none")
-    fast.amp_dtype = torch.bfloat16
+    fast = ModelRunner("rgb", rgb_checkpoint, device="cpu", amp_dtype="bfloat16", native_cpu_bf16=True)
     assert (exact.precision, fast.precision) == ("float32", "bfloat16")
     for e, f in zip(exact.run(x, attention=True), fast.run(x, attention=True), strict=True):
         assert e.scores.argmax() == f.scores.argmax()
@@ -115,3 +114,21 @@ def test_cuda_amp_channels_last_agrees_with_cpu(rgb_checkpoint):
         assert c.scores.argmax() == g.scores.argmax()
         np.testing.assert_allclose(c.scores, g.scores, atol=0.05)
         assert {k: v.shape for k, v in c.masks.items()} == {k: v.shape for k, v in g.masks.items()}
+
+
+@pytest.mark.parametrize("checkpoint", ["gray_checkpoint", "rgb_checkpoint"])  # CBAM and BAM
+def test_bf16_weights_cast_at_load_give_the_autocast_outputs_bit_for_bit(request, checkpoint):
+    """On a bf16 CPU the runner casts the weights once instead of letting autocast cast them every forward."""
+    path = request.getfixturevalue(checkpoint)
+    runner = ModelRunner("m", path, device="cpu", amp_dtype="bfloat16", native_cpu_bf16=True)
+    assert {p.dtype for p in runner.model.parameters()} == {torch.bfloat16}
+    reference = fold_batchnorm(load_checkpoint(path)[0].eval())  # float32 weights, cast by autocast
+    assert {p.dtype for p in reference.parameters()} == {torch.float32}
+    pixels = np.random.default_rng(3).integers(0, 256, size=(4, *runner.input_shape), dtype=np.uint8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, maps = reference.forward_with_attention(runner._to_device(pixels))
+    served = runner.run(pixels, attention=True)
+    np.testing.assert_array_equal(np.stack([r.scores for r in served]), logits.float().softmax(1).numpy())
+    for name, m in maps.items():
+        expected = (m.spatial.float() * 255).round().to(torch.uint8)[:, 0].numpy()
+        np.testing.assert_array_equal(np.stack([r.masks[name] for r in served]), expected)
