@@ -49,6 +49,6 @@ def audit_record(done: Classified, preds: list[dict[str, Any]], *, route: str, s
         if "attention" in pred:
             entry["attention"] = pred["attention"]
         images.append(entry)
-    return {"id": done.id, "created_at": time.time(), "model": {"name": done.model.name,
-                                                                "version": done.model.meta.version},
+    model = {"name": done.model.name, "version": done.model.meta.version, "precision": done.model.precision}
+    return {"id": done.id, "created_at": time.time(), "model": model,
             "route": route, "latency_ms": round(1000 * (time.perf_counter() - started), 3), "images": images}

@@ -141,5 +141,6 @@ def test_audit_writes_reach_prometheus_and_records_match_responses(scraped):
     assert scraped_value(prom, f"macula_audit_write_failures_total{{{on}}}") == 0
     for answer in scraped["answers"]:
         record = httpx.get(f"http://{app}/v1/predictions/{answer['id']}", timeout=5).json()
-        assert record["model"] == answer["model"]
+        assert record["model"] == {**answer["model"], "precision": record["model"]["precision"]}
+        assert record["model"]["precision"] in ("float32", "bfloat16")
         assert [image["top_k"] for image in record["images"]] == [p["top_k"] for p in answer["predictions"]]

@@ -112,7 +112,7 @@ async def test_audit_record_round_trip(model_dir, tmp_path):
         app.state.service.audit.flush(5)
         record = (await client.get(f"/v1/predictions/{resp['id']}")).json()
         missing = await client.get("/v1/predictions/" + "0" * 32)
-    assert record["id"] == resp["id"] and record["model"] == resp["model"]
+    assert record["id"] == resp["id"] and record["model"] == {**resp["model"], "precision": "float32"}
     assert record["route"] == "/v1/models/{name}/predict" and record["latency_ms"] > 0
     image = record["images"][0]
     assert image["sha256"] == hashlib.sha256(blob).hexdigest() and image["bytes"] == len(blob)
