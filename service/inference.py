@@ -44,8 +44,8 @@ def autocast_dtype(device: torch.device, amp_dtype: str, *, native_cpu_bf16: boo
 
 def prepare_for_serving(model: nn.Module, device: torch.device, dtype: torch.dtype | None, *,
                         memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
-    """``model`` as a runner serves it: in eval mode, BatchNorm folded, in ``memory_format``; on CPU under
-    bf16 autocast (``dtype``) its weights are bf16 already, so autocast casts only the input (in place)."""
+    """``model`` as a runner serves it (changed in place): eval mode, BatchNorm folded, in ``memory_format``; on
+    CPU under bf16 autocast (``dtype``) its weights are stored in bf16, so autocast only casts the input."""
     model = fold_batchnorm(model.eval()).to(memory_format=memory_format)
     return model.to(torch.bfloat16) if device.type == "cpu" and dtype is torch.bfloat16 else model
 
