@@ -4,7 +4,7 @@
 
 PyTorch releases the GIL inside each op and takes it back between ops, so an eager forward re-acquires the GIL
 once per op; when another thread holds it, each re-acquisition can wait up to ``sys.getswitchinterval()``. The
-script times the served bf16 form (``prepare_for_serving``) alone and next to a pure-Python busy thread, for
+script times the served bf16 form (``bench.limits.as_served``) alone and next to a pure-Python busy thread, for
 each switch interval given. With ``--threads 1`` (the default) the busy thread has the other core to itself,
 so what changes is GIL waiting, not CPU sharing. ``--torchscript`` adds a frozen trace (one C++ call per
 forward; deprecated API, measured only), ``--compile`` torch.compile with inductor's freezing.
@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from bench.bench_models import time_batches
+from bench.limits import as_served
 from bench.payload import BENCH_MODELS
-from models import create_model
-from service.inference import prepare_for_serving
 
 
 @contextmanager
@@ -45,23 +45,18 @@ def gil_hog():
         thread.join()
 
 
-def ms_per_forward(model: nn.Module, x: torch.Tensor, iters: int) -> float:
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(x)
-        start = time.perf_counter()
-        for _ in range(iters):
-            model(x)
-    return (time.perf_counter() - start) / iters * 1000
+def ms_per_forward(model: nn.Module, x: torch.Tensor, iters: int, autocast: Callable) -> float:
+    time_batches(model, x, 1, autocast)  # warm-up (and, for torch.compile, the compile)
+    return time_batches(model, x, iters, autocast) * 1000
 
 
-def variants(args: argparse.Namespace, x: torch.Tensor) -> dict[str, nn.Module]:
-    spec = BENCH_MODELS[args.model]
-    torch.manual_seed(0)
-    eager = prepare_for_serving(create_model(spec.arch, attention=spec.attention, num_classes=spec.num_classes),
-                                torch.device("cpu"), torch.bfloat16, memory_format=torch.channels_last)
+def variants(args: argparse.Namespace, x: torch.Tensor) -> tuple[dict[str, nn.Module], Callable]:
+    """Name -> module for each form, and the bf16 autocast factory they all run under."""
+    eager, bf16 = as_served(BENCH_MODELS[args.model].build().eval(), "bfloat16")
+    eager = eager.to(memory_format=torch.channels_last)
     out = {"eager": eager}
     if args.torchscript:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        with torch.inference_mode(), bf16(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit's deprecation notice
             out["torchscript"] = torch.jit.freeze(torch.jit.trace(eager, x))
     if args.compile:
@@ -69,20 +64,19 @@ def variants(args: argparse.Namespace, x: torch.Tensor) -> dict[str, nn.Module]:
 
         inductor_config.freezing = True
         out["compiled"] = torch.compile(eager)
-    return out
+    return out, bf16
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
-    pre = BENCH_MODELS[args.model].preprocessing
-    channels = 3 if pre.color == "RGB" else 1
-    x = torch.randn(args.batch_size, channels, *pre.input_size).to(memory_format=torch.channels_last)
+    x = BENCH_MODELS[args.model].random_batch(args.batch_size)
     rows = []
-    for name, model in variants(args, x).items():
+    models, bf16 = variants(args, x)
+    for name, model in models.items():
         for interval in args.switch_intervals_ms:
             sys.setswitchinterval(interval / 1000)
-            alone = ms_per_forward(model, x, args.iters)
+            alone = ms_per_forward(model, x, args.iters, bf16)
             with gil_hog():
-                contended = ms_per_forward(model, x, args.iters)
+                contended = ms_per_forward(model, x, args.iters, bf16)
             rows.append({"form": name, "switch_interval_ms": interval, "alone_ms": alone, "with_hog_ms": contended})
             print(f"| {name} | {interval:g} | {alone:.0f} | {contended:.0f} | {contended / alone:.1f} |", flush=True)
     return rows

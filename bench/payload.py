@@ -27,6 +27,17 @@ class BenchModel:
     num_classes: int
     preprocessing: Preprocessing
 
+    def build(self, seed: int = 0) -> torch.nn.Module:
+        """The network with random weights drawn from ``seed``."""
+        torch.manual_seed(seed)
+        return create_model(self.arch, attention=self.attention, num_classes=self.num_classes)
+
+    def random_batch(self, batch_size: int) -> torch.Tensor:
+        """A random channels_last input batch of the model's size (forward cost does not depend on the values)."""
+        channels = 3 if self.preprocessing.color == "RGB" else 1
+        x = torch.randn(batch_size, channels, *self.preprocessing.input_size)
+        return x.to(memory_format=torch.channels_last)
+
 
 IMAGENET_224 = Preprocessing(input_size=(224, 224), resize_mode="center_crop", resize_size=256)
 BENCH_MODELS = {
@@ -66,8 +77,6 @@ def class_names(num_classes: int) -> list[str]:
 
 def write_checkpoint(spec: BenchModel, path: Path, seed: int = 0) -> Path:
     """Random weights (seeded), saved as a Macula checkpoint; every server loads this one file."""
-    torch.manual_seed(seed)
-    model = create_model(spec.arch, attention=spec.attention, num_classes=spec.num_classes)
-    save_checkpoint(model, path, class_names=class_names(spec.num_classes), preprocessing=spec.preprocessing,
+    save_checkpoint(spec.build(seed), path, class_names=class_names(spec.num_classes), preprocessing=spec.preprocessing,
                     training={"dataset": "random-init", "note": "benchmark model, random weights"})
     return path

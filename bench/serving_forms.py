@@ -26,19 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.limits import time_forward
+from bench.limits import as_served, time_forward
 from bench.payload import BENCH_MODELS
-from models import create_model, fold_batchnorm
-from service.inference import prepare_for_serving
-
-CPU = torch.device("cpu")
+from models import fold_batchnorm
 
 
-def bf16_autocast():
-    return torch.autocast("cpu", dtype=torch.bfloat16)
-
-
-def compiled(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, float]:
+def compiled(model: nn.Module, x: torch.Tensor, autocast: Callable) -> tuple[nn.Module, float]:
     """``model`` through torch.compile with inductor's freezing (weights become constants), and the seconds the
     first call (the compile) took."""
     import torch._inductor.config as inductor_config
@@ -46,7 +39,7 @@ def compiled(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, float]:
     inductor_config.freezing = True
     fast = torch.compile(model)
     start = time.perf_counter()
-    with torch.inference_mode(), bf16_autocast():
+    with torch.inference_mode(), autocast():
         fast(x)
     return fast, time.perf_counter() - start
 
@@ -54,24 +47,22 @@ def compiled(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, float]:
 def forms(model: nn.Module, x: torch.Tensor, with_compile: bool) -> dict[str, tuple[nn.Module, Callable]]:
     """Name -> (module, autocast factory) for every form measured."""
     cl = torch.channels_last
+    served, bf16 = as_served(model, "bfloat16")
     out = {"float32": (copy.deepcopy(model).to(memory_format=cl), nullcontext),
            "float32 folded": (fold_batchnorm(copy.deepcopy(model)).to(memory_format=cl), nullcontext),
-           "bf16 autocast": (fold_batchnorm(copy.deepcopy(model)).to(memory_format=cl), bf16_autocast),
-           "bf16 served": (prepare_for_serving(copy.deepcopy(model), CPU, torch.bfloat16, memory_format=cl),
-                           bf16_autocast)}
+           "bf16 autocast": (fold_batchnorm(copy.deepcopy(model)).to(memory_format=cl), bf16),
+           "bf16 served": (served.to(memory_format=cl), bf16)}
     if with_compile:
-        fast, seconds = compiled(out["bf16 served"][0], x)
+        fast, seconds = compiled(out["bf16 served"][0], x, bf16)
         print(f"bf16 compiled: first call (compile) {seconds:.1f} s", flush=True)
-        out["bf16 compiled"] = (fast, bf16_autocast)
+        out["bf16 compiled"] = (fast, bf16)
     return out
 
 
 def measure(args: argparse.Namespace) -> dict:
     spec = BENCH_MODELS[args.model]
-    torch.manual_seed(0)
-    model = create_model(spec.arch, attention=spec.attention, num_classes=spec.num_classes).eval()
-    channels = 3 if spec.preprocessing.color == "RGB" else 1
-    x = torch.randn(args.batch_size, channels, *spec.preprocessing.input_size).to(memory_format=torch.channels_last)
+    model = spec.build().eval()
+    x = spec.random_batch(args.batch_size)
     candidates = forms(model, x, args.compile)
     rounds: list[dict[str, float]] = []
     for i in range(args.rounds):
