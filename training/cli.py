@@ -35,6 +35,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", type=lambda s: None if s.lower() == "none" else s,
                    help=f"none, bam or cbam; default {d.attention}")
     p.add_argument("--bam-variant", choices=["paper", "official"], help="BAM channel-gate layout")
+    p.add_argument("--init", choices=["macula", "official"], help="starting weights: Macula's rule or the "
+                   f"BAM/CBAM authors' (docs/training.md); default {d.init}")
+    p.add_argument("--zero-init-residual", action="store_true", help="start each residual block as its "
+                   "shortcut (last BN weight 0, as torchvision's option)")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)}; default {d.dataset}")
     p.add_argument("--out", help=f"output folder; default {d.out}")
     p.add_argument("--resume", metavar="OUT", help="continue the run saved in OUT (OUT/last)")

@@ -54,7 +54,8 @@ def seed_everything(seed: int) -> None:
 def build_model(config: TrainConfig, bundle: DataBundle) -> tuple[nn.Module, set[str]]:
     """The network for this data; with ``--init-from``, the names of the tensors loaded into it."""
     model = create_model(config.arch, attention=config.attention, num_classes=len(bundle.class_names),
-                         bam_variant=config.bam_variant, in_chans=bundle.in_chans)
+                         bam_variant=config.bam_variant, in_chans=bundle.in_chans, init=config.init,
+                         zero_init_residual=config.zero_init_residual)
     backbone = load_torchvision_backbone(model, config.init_from) if config.init_from else set()
     return model, backbone
 
