@@ -153,17 +153,24 @@ class ResNet(nn.Module):
         blocks += [block(cout, planes, attention=attention) for _ in range(1, depth)]
         return nn.Sequential(*blocks)
 
-    def _forward(self, x: Tensor, maps: Maps) -> Tensor:
+    def _features(self, x: Tensor, maps: Maps) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(1, self.num_stages + 1):
             for block in getattr(self, f"layer{i}"):
                 x = block(x, maps)
             bam = getattr(self, f"bam{i}", None)
             x = x if bam is None else bam(x, maps)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def _forward(self, x: Tensor, maps: Maps) -> Tensor:
+        return self.fc(self._features(x, maps))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(x, None)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The pooled penultimate features ``(N, C)``: ``model(x) == model.fc(model.forward_features(x))``."""
+        return self._features(x, None)
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, dict[str, AttentionMap]]:
         """Logits (identical to ``forward``) and every module's masks, in network order."""

@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     speed.add_argument("--device", help="cpu, cuda, cuda:1 ...; default cuda:LOCAL_RANK if available")
     speed.add_argument("--seed", type=int, help=f"default {d.seed}")
     speed.add_argument("--log-interval", type=int, help="batches between log lines off a terminal")
+    speed.add_argument("--no-calibration", dest="calibrate", action="store_false", help="skip fitting the "
+                       "temperature and unfamiliar-input detector at the end (training.calibration)")
     data = p.add_argument_group("data")
     data.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     data.add_argument("--limit-train", type=int, help="use only this many training images (tiny runs)")

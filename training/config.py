@@ -56,6 +56,7 @@ class TrainConfig:
     clutter: int = 6  # cluttered-mnist: fragments per canvas
     # outputs
     log_interval: int = 50
+    calibrate: bool = True  # fit a temperature and an unfamiliar-input detector at the end (training.calibration)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
