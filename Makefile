@@ -47,9 +47,10 @@ demo-model: install
 	cp $(DEMO_OUT)/model.safetensors model_store/demo.safetensors
 	cp $(DEMO_OUT)/metrics.json model_store/demo.metrics.json
 
-# Plain vs BAM vs CBAM on cluttered-mnist, 3 seeds each, equal budget (docs/results.md).
+# Plain vs BAM vs CBAM to convergence on two cluttered-mnist tasks, 3 seeds, both inits on the first
+# (docs/results.md): 27 runs, about 4 hours on 2 idle cores. Finished runs are kept and not trained again.
 study: install
-	nice -n 10 $(PY) -m training.study --out runs/study --seeds 0 1 2 --epochs 6 --limit-train 4000 --nproc 2
+	nice -n 10 $(PY) -m training.study --out runs/study --seeds 0 1 2 --nproc 2
 
 # Serving benchmark: raw limit, naive FastAPI, LitServe, TorchServe and Macula (docs/benchmarks.md).
 bench: install system-deps
