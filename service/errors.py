@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import batching, codec, inputs, limits, state
@@ -141,7 +142,18 @@ class ErrorHandler:
         return error_response(code, detail, headers)
 
     async def __call__(self, request: Request, exc: Exception) -> JSONResponse:
-        return self.respond(exc)
+        response = self.respond(exc)
+        if response.status_code == 405:  # Starlette names only the first route's methods; a path may have more
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        return response
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app takes on this request's path."""
+    methods = {method for route in request.app.routes if isinstance(route, BaseRoute)
+               for method in getattr(route, "methods", None) or ()
+               if route.matches({**request.scope, "method": method})[0] == Match.FULL}
+    return sorted(methods)
 
 
 class LastResort:
