@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, Match
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import batching, codec, inputs, limits, state
@@ -143,16 +143,19 @@ class ErrorHandler:
 
     async def __call__(self, request: Request, exc: Exception) -> JSONResponse:
         response = self.respond(exc)
-        if response.status_code == 405:  # Starlette names only the first route's methods; a path may have more
-            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        if response.status_code == 405:  # Starlette names one route's methods; a path may have several routes
+            methods = allowed_methods(request)
+            if methods:
+                response.headers["Allow"] = ", ".join(methods)
         return response
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app takes on this request's path."""
-    methods = {method for route in request.app.routes if isinstance(route, BaseRoute)
-               for method in getattr(route, "methods", None) or ()
-               if route.matches({**request.scope, "method": method})[0] == Match.FULL}
+    """Every method the OpenAPI schema lists for this request's path."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(request.url.path):
+            methods.update(method.upper() for method in operations)
     return sorted(methods)
 
 
