@@ -117,8 +117,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     docs.install(app)
     secured = [Depends(require_api_key)]
-    for router in (models.router, predict.router, audit.router, torchserve.router):
-        app.include_router(router, dependencies=secured)
+    for router in (models.router, predict.router, torchserve.router):
+        app.include_router(router, dependencies=secured, responses=errors.responses(401, 422))
+    app.include_router(audit.router, dependencies=secured, responses=errors.responses(400, 401, 404, 422, 503))
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s)
     handler = errors.install(app, metrics)
     app.add_middleware(DrainGuard, service=service, respond=handler.respond)

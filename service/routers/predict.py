@@ -14,13 +14,14 @@ from ..state import InvalidParameter, ServiceDep, wait_disconnect
 
 PARAMETERS = ("top_k", "attention", "attention_size")
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/webp": {"schema": {"type": "string", "format": "binary"}},
     "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-        "images": {"type": "array", "items": {"type": "string", "description": "base64 or data: URI"}}}}},
+        "images": {"type": "array", "minItems": 1,
+                   "items": {"type": "string", "description": "base64 or data: URI"}}}}},
 }}}
 PREDICT_ERRORS = responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 

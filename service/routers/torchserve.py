@@ -21,8 +21,8 @@ from ..state import Prediction, ServiceDep, wait_disconnect
 router = APIRouter(tags=["torchserve"])
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "data": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
 }}}
 ERRORS = responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
