@@ -14,8 +14,9 @@ from PIL import Image
 from skimage import data
 
 from models import Preprocessing
-from service.codec import _center_crop, _resize_size, decode_base64, normalise, png_base64, preprocess, to_pixels
-from service.errors import ServiceError
+from service.codec import ImageError, _center_crop, _resize_size, normalise, png_base64, preprocess, to_pixels
+from service.errors import CODES, classify
+from service.inputs import MalformedRequest, decode_base64
 
 RGB_PRE = Preprocessing(input_size=(64, 64), resize_mode="center_crop", resize_size=72)
 GRAY_PRE = Preprocessing(input_size=(32, 32), resize_mode="stretch", resize_size=32, mean=(0.5,), std=(0.25,),
@@ -170,15 +171,16 @@ HOSTILE = {
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_files_are_refused(photo, case):
     make, status, code = HOSTILE[case]
-    with pytest.raises(ServiceError) as info:
+    with pytest.raises(ImageError) as info:
         preprocess(make(photo), max_pixels=LIMIT, pre=RGB_PRE)
-    assert (info.value.status, info.value.code) == (status, code), info.value.detail
+    got = classify(info.value)[0]
+    assert (CODES[got].status, got) == (status, code), str(info.value)
 
 
 def test_pixel_limit_is_checked_from_the_header():
-    with pytest.raises(ServiceError) as info:
+    with pytest.raises(ImageError) as info:
         preprocess(encode(Image.new("L", (100, 100))), max_pixels=9_999, pre=GRAY_PRE)
-    assert info.value.status == 413
+    assert CODES[classify(info.value)[0]].status == 413
 
 
 def test_strict_base64():
@@ -187,9 +189,9 @@ def test_strict_base64():
     assert decode_base64(text) == raw
     assert decode_base64("data:image/png;base64," + text) == raw
     for bad in (text[:-2] + "!!", "not base64 at all", "data:image/png," + text, text + "\n"):
-        with pytest.raises(ServiceError) as info:
+        with pytest.raises(MalformedRequest) as info:
             decode_base64(bad)
-        assert info.value.status == 400
+        assert CODES[classify(info.value)[0]].status == 400
 
 
 def test_mask_png_is_8_bit_grey_with_the_exact_values():
@@ -215,3 +217,30 @@ def test_same_top1_as_the_eval_transform_on_real_photos(rgb_checkpoint, name):
             logits = model(torch.stack([ours, theirs]))
         assert logits[0].argmax() == logits[1].argmax()
         assert (logits[0].softmax(0) - logits[1].softmax(0)).abs().max() < 0.02
+
+
+def test_sixteen_bit_narrowing_is_round_v_over_257_strip_by_strip(monkeypatch):
+    import service.codec as codec
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (37, 23), dtype=np.uint16)
+    monkeypatch.setattr(codec, "STRIP_PIXELS", 50)  # two rows a strip: every strip boundary is exercised
+    got = np.asarray(codec.canonical_mode(Image.fromarray(values), "L"))
+    np.testing.assert_array_equal(got, np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+    wide = Image.fromarray(np.array([[-5, 0, 128, 129, 65535, 70000, 2**30]], dtype=np.int32), mode="I")
+    np.testing.assert_array_equal(np.asarray(codec.canonical_mode(wide, "L")), [[0, 0, 0, 1, 255, 255, 255]])
+
+
+def test_probe_reads_headers_only_and_still_reports_the_oriented_size():
+    from service.codec import finish, probe
+
+    plain = encode(Image.new("L", (60, 40)))
+    opened = probe(plain, max_pixels=LIMIT, pre=GRAY_PRE)
+    assert opened.img.tile, "probe decoded the pixels (Pillow looks for a PNG's EXIF after them)"
+    assert finish(opened, plain, GRAY_PRE).width == 60
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: the original is 40 wide, 60 high once oriented
+    for fmt in ("PNG", "JPEG"):
+        rotated = encode(Image.new("L", (60, 40)), fmt, exif=exif)
+        done = finish(probe(rotated, max_pixels=LIMIT, pre=GRAY_PRE), rotated, GRAY_PRE)
+        assert (done.width, done.height) == (40, 60), fmt
