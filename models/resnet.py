@@ -168,9 +168,12 @@ class ResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(x, None)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """The pooled penultimate features ``(N, C)``: ``model(x) == model.fc(model.forward_features(x))``."""
-        return self._features(x, None)
+    def forward_features(self, x: Tensor, maps: dict[str, AttentionMap] | None = None) -> Tensor:
+        """The pooled penultimate features ``(N, C)``: ``model(x) == model.fc(model.forward_features(x))``.
+
+        With a ``maps`` dict, every attention module's masks are written into it (as ``forward_with_attention``).
+        """
+        return self._features(x, maps)
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, dict[str, AttentionMap]]:
         """Logits (identical to ``forward``) and every module's masks, in network order."""

@@ -49,6 +49,8 @@ def predictions(runner: ModelRunner, images: list[DecodedImage], results: list[I
     items = []
     for result in results:
         item: dict[str, Any] = {"top_k": top_k(result.scores, runner.meta.class_names, k)}
+        if result.familiar is not None:  # only for checkpoints that carry a detector
+            item["familiar"], item["familiarity"] = result.familiar, round(result.familiarity, 4)
         if attention:
             item["attention"] = []
         items.append(item)
@@ -69,6 +71,7 @@ def audit_record(prediction: Prediction, *, route: str, started: float) -> dict[
     for image, item in zip(prediction.images, prediction.items, strict=True):
         entry = {"sha256": image.sha256, "bytes": image.nbytes, "width": image.width, "height": image.height,
                  "top_k": item["top_k"]}
+        entry |= {key: item[key] for key in ("familiar", "familiarity") if key in item}
         if "attention" in item:
             entry["attention"] = item["attention"]
         images.append(entry)
