@@ -56,11 +56,17 @@ def collect(model: nn.Module, dataset: Dataset, *, device: torch.device | str = 
 
 
 def with_eval_transform(dataset: Dataset, transform) -> Dataset:
-    """``dataset`` (through any Subsets) with its transform replaced by ``transform``; the original is untouched."""
+    """``dataset`` (through any Subsets) with its transform replaced by ``transform``; the original is untouched.
+
+    A dataset re-drawn per epoch (cluttered-mnist) is seen at epoch 0, so the fit depends on the weights only,
+    not on the epoch training stopped at (``python -m training.calibration`` then fits the same detector).
+    """
     if isinstance(dataset, Subset):
         return Subset(with_eval_transform(dataset.dataset, transform), dataset.indices)
     view = copy.copy(dataset)
     view.transform = transform
+    if hasattr(view, "set_epoch"):
+        view.set_epoch(0)
     return view
 
 
