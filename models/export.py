@@ -207,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:  # onnx / onnxscript are an optional extra
+        print(f"error: --format {args.format} needs the Python package {exc.name!r}: "
+              f"pip install 'macula[export]' (onnx, onnxscript, onnxruntime)", file=sys.stderr)
+        return 2
     print(f"wrote {out} ({args.format}): input image (N, C, H, W) -> {', '.join(json.loads(metadata['outputs']))}")
     return 0
 
