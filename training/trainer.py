@@ -149,10 +149,10 @@ class Trainer:
         fp16 = config.amp == "fp16" and info.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
         self.run = RunState()
-        if info.is_main:
-            summary.log_start(config, info, self.bundle, self.optimizer, len(self.train_loader))
         if resume is not None:
             self._restore(resume)
+        if info.is_main:
+            summary.log_start(config, info, self.bundle, self.optimizer, len(self.train_loader))
 
     def _restore(self, state: dict[str, Any]) -> None:
         getattr(self.model, "module", self.model).load_state_dict(state["model"])

@@ -113,3 +113,13 @@ def test_parameter_groups_are_named_and_both_lrs_reported():
 def test_patience_counts_epochs_since_the_first_best():
     rows = [{"epoch": e, "val_acc": acc} for e, acc in enumerate([0.2, 0.5, 0.4, 0.5, 0.3], start=1)]
     assert [epochs_since_best(rows[:n]) for n in range(6)] == [0, 0, 0, 1, 2, 3]
+
+
+def test_unknown_arch_and_bad_options_are_refused_by_the_config():
+    with pytest.raises(ConfigError, match="unknown network 'resnet19'"):
+        TrainConfig(arch="resnet19").validate()
+    with pytest.raises(ConfigError, match="--patience must be >= 1"):
+        TrainConfig(patience=0).validate()
+    with pytest.raises(ConfigError, match="--resize-mode"):
+        TrainConfig(resize_mode="pad").validate()
+    TrainConfig(arch="resnet50", mean="auto", std=(0.2, 0.2, 0.2), patience=3, augment="strong").validate()
