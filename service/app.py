@@ -14,12 +14,13 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .audit import routes as audit_routes
 from .auth import require_api_key
 from .codec import treat_bomb_warnings_as_errors
 from .errors import REJECTION_REASONS, ServiceError, error_response, install_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics
-from .routers import audit, health, models, predict, torchserve
+from .routers import health, models, predict, torchserve
 from .settings import Settings
 from .state import ClientGone, Service
 
@@ -97,8 +98,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_error_metrics(app, service)
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
-    for router in (models.router, predict.router, audit.router, torchserve.router):
+    for router in (models.router, predict.router, torchserve.router):
         app.include_router(router, dependencies=secured)
+    audit_routes.install(app, secured)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.reject)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
