@@ -24,8 +24,10 @@ import base64
 import hashlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,6 +51,7 @@ class DecodedImage:
     height: int
     sha256: str
     nbytes: int
+    kept: Any = None  # what the audit store keeps of the input (service.audit.inputs), if anything
 
 
 def treat_bomb_warnings_as_errors() -> None:
@@ -202,10 +205,13 @@ def normalise(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(((pixels.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1))
 
 
-def preprocess(data: bytes, *, max_pixels: int, pre: Preprocessing) -> DecodedImage:
-    """The whole client-bytes → model-pixels path, run in the decode pool."""
+def preprocess(data: bytes, *, max_pixels: int, pre: Preprocessing,
+               keep: Callable[[Image.Image, bytes], Any] | None = None) -> DecodedImage:
+    """The whole client-bytes → model-pixels path, run in the decode pool. ``keep(decoded, data)``, if given,
+    makes what the audit store keeps of the input (a thumbnail of the decoded, EXIF-rotated image)."""
     img, (width, height) = decode(data, max_pixels=max_pixels, pre=pre)
-    return DecodedImage(to_pixels(img, pre), width, height, hashlib.sha256(data).hexdigest(), len(data))
+    kept = None if keep is None else keep(img, data)
+    return DecodedImage(to_pixels(img, pre), width, height, hashlib.sha256(data).hexdigest(), len(data), kept)
 
 
 def png_base64(mask: np.ndarray) -> str:

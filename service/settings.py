@@ -41,9 +41,18 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(64, ge=1)
+    # audit store (service/audit): MACULA_AUDIT_URL wins over MACULA_AUDIT_DB (the SQLite path) when set
     audit_db: str = "macula_audit.db"
+    audit_url: SecretStr | None = None
+    audit_durable: bool = False
+    audit_inputs: Literal["none", "thumbnail", "original"] = "thumbnail"
     audit_max_records: int = Field(100_000, ge=1)
     audit_max_age_days: float = Field(30.0, gt=0)
+    audit_max_bytes: int = Field(5 * 1024**3, ge=1)
+    audit_retention_interval_s: float = Field(60.0, gt=0)
+    audit_queue_size: int = Field(10_000, ge=1)
+    audit_commit_timeout_s: float = Field(5.0, gt=0)
+    audit_pool_size: int = Field(4, ge=1)
     api_key: SecretStr | None = None
     drain_timeout_s: float = Field(20.0, ge=0)
     log_level: str = "info"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from starlette.requests import Request
 
-from .audit import AuditStore
+from .audit.factory import build_store, input_keeper
 from .batching import Batcher
 from .codec import DecodedImage, preprocess
 from .errors import ServiceError, not_ready
@@ -56,9 +56,8 @@ class Service:
         self.default_model: str | None = None
         self.batcher: Batcher | None = None
         self.decode_pool = ThreadPoolExecutor(settings.decode_workers(), thread_name_prefix="macula-decode")
-        self.audit = AuditStore(settings.audit_db, max_records=settings.audit_max_records,
-                                max_age_s=settings.audit_max_age_days * 86400.0, on_write=metrics.audit_written,
-                                on_failure=metrics.audit_failed)
+        self.audit = build_store(settings, metrics)        # audit trail: service/audit
+        self.keep_input = input_keeper(settings, self.audit)
         self.ready = False
         self.draining = False
 
@@ -96,7 +95,7 @@ class Service:
         await asyncio.to_thread(self.load)
         for runner in self.runners.values():
             await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
-        self.audit.start()
+        await asyncio.to_thread(self.audit.start)   # opens the database (and migrates it): not on the event loop
         self.ready = True
         self.metrics.set_ready(True)
         log.info("ready: %d model(s) on %s, batches up to %d, delay %.1f ms", len(self.runners), self.device,
@@ -136,7 +135,8 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
 
     async def _decode(self, runner: ModelRunner, data: bytes) -> DecodedImage:
-        decoded, seconds = await self.in_pool(_timed_preprocess, data, self.settings.max_image_pixels, runner)
+        decoded, seconds = await self.in_pool(_timed_preprocess, data, self.settings.max_image_pixels, runner,
+                                              self.keep_input)
         self.metrics.observe_preprocess(runner.name, seconds)
         return decoded
 
@@ -160,10 +160,10 @@ class Service:
         return Classified(runner, images, results)
 
 
-def _timed_preprocess(data: bytes, max_pixels: int, runner: ModelRunner) -> tuple[DecodedImage, float]:
+def _timed_preprocess(data: bytes, max_pixels: int, runner: ModelRunner, keep=None) -> tuple[DecodedImage, float]:
     """Decode + preprocess one image in the pool; the time excludes waiting for a pool thread."""
     start = time.perf_counter()
-    decoded = preprocess(data, max_pixels=max_pixels, pre=runner.meta.preprocessing)
+    decoded = preprocess(data, max_pixels=max_pixels, pre=runner.meta.preprocessing, keep=keep)
     return decoded, time.perf_counter() - start
 
 

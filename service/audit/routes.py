@@ -33,6 +33,24 @@ CSV_COLUMNS = ("id", "created_at", "created_at_iso", "model", "version", "route"
                "score", "input_kept", "masks_kept")
 
 
+FILTERS = ("model", "version", "label", "min_score", "max_score", "since", "until")
+
+
+def _strict(*allowed: str):
+    """Refuse, by name, a query parameter the route does not take (``?lable=cat`` must not select everything),
+    or one given twice."""
+
+    def check(request: Request) -> None:
+        names = [name for name, _ in request.query_params.multi_items()]
+        for name in names:
+            if name not in allowed:
+                raise InvalidQuery(f"unknown query parameter {name!r}; this route takes {', '.join(allowed)}")
+            if names.count(name) > 1:
+                raise InvalidQuery(f"query parameter {name!r} is given more than once")
+
+    return Depends(check)
+
+
 def _store(request: Request) -> AuditStore:
     return request.app.state.service.audit
 
@@ -49,7 +67,8 @@ def _filters(model: str | None = Query(None, max_length=200, description="model 
                    until=None if until is None else parse_time(until, "until"))
 
 
-@router.get("/predictions", summary="Search predictions, newest first (keyset-paginated)")
+@router.get("/predictions", summary="Search predictions, newest first (keyset-paginated)",
+            dependencies=[_strict(*FILTERS, "limit", "cursor")])
 async def search(request: Request, filters: Filters = Depends(_filters),
                  limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
                  cursor: str | None = Query(None, max_length=400, description="next_cursor of the previous page"),
@@ -58,7 +77,8 @@ async def search(request: Request, filters: Filters = Depends(_filters),
     return {"items": [item.to_json() for item in page.items], "next_cursor": page.next_cursor}
 
 
-@router.get("/predictions/export", summary="Stream every prediction a search selects (JSON lines or CSV)")
+@router.get("/predictions/export", summary="Stream every prediction a search selects (JSON lines or CSV)",
+            dependencies=[_strict(*FILTERS, "format")])
 async def export(request: Request, filters: Filters = Depends(_filters),
                  format: Literal["jsonl", "csv"] = Query("jsonl")) -> StreamingResponse:
     store = _store(request)

@@ -63,7 +63,9 @@ async def predict_images(request: Request, name: str | None, *, top_k: int | Non
     format_ = partial(formatting.predictions, done, k=top_k, attention=attention,
                       original_size=attention_size == "original")
     preds = await service.in_pool(format_) if attention else format_()  # PNG encoding stays off the event loop
-    service.audit.submit(formatting.audit_record(done, preds, route=route, started=started))
+    # best-effort: queued; durable (MACULA_AUDIT_DURABLE): committed before the answer, else 503 audit_unavailable
+    await service.audit.save(formatting.audit_record(done, preds, route=route, started=started),
+                             [image.kept for image in done.images])
     return {"id": done.id, "model": {"name": runner.name, "version": runner.meta.version}, "predictions": preds}
 
 

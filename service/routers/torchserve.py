@@ -33,7 +33,9 @@ async def _classify(request: Request, name: str, *, attention: bool, route: str)
     format_ = partial(formatting.predictions, done, k=min(5, runner.meta.num_classes), attention=attention,
                       original_size=False)
     preds = await service.in_pool(format_) if attention else format_()  # PNG encoding stays off the event loop
-    service.audit.submit(formatting.audit_record(done, preds, route=route, started=started))
+    # best-effort: queued; durable (MACULA_AUDIT_DURABLE): committed before the answer, else 503 audit_unavailable
+    await service.audit.save(formatting.audit_record(done, preds, route=route, started=started),
+                             [image.kept for image in done.images])
     return preds
 
 
