@@ -142,5 +142,9 @@ class Backend(ABC):
         """Every summary matching ``filters``, newest first, read page by page (no long transaction)."""
 
     @abstractmethod
+    def analyze(self) -> None:
+        """Refresh the query planner's statistics."""
+
+    @abstractmethod
     def apply_retention(self, policy: RetentionPolicy, now: float) -> RetentionResult:
         """Delete what ``policy`` no longer keeps, oldest first, in short transactions."""

@@ -46,10 +46,16 @@ SCHEMA_V1 = [
         score {real},
         input_kept {bool} NOT NULL DEFAULT {false},
         PRIMARY KEY (prediction_id, n))""",
-    "CREATE INDEX IF NOT EXISTS prediction_images_created_at ON prediction_images (created_at, prediction_id)",
-    "CREATE INDEX IF NOT EXISTS prediction_images_label ON prediction_images (label, created_at, prediction_id)",
+    # image-level search: each index leads with the equality filters, then the page order (created_at, id), and
+    # ends with the score, so a score filter is checked in the index without reading the table
+    """CREATE INDEX IF NOT EXISTS prediction_images_created_at
+        ON prediction_images (created_at, prediction_id, score)""",
+    """CREATE INDEX IF NOT EXISTS prediction_images_label
+        ON prediction_images (label, created_at, prediction_id, score)""",
+    """CREATE INDEX IF NOT EXISTS prediction_images_model
+        ON prediction_images (model_name, created_at, prediction_id, score)""",
     """CREATE INDEX IF NOT EXISTS prediction_images_model_label
-        ON prediction_images (model_name, label, created_at, prediction_id)""",
+        ON prediction_images (model_name, label, created_at, prediction_id, score)""",
     """CREATE TABLE IF NOT EXISTS prediction_inputs (
         prediction_id TEXT NOT NULL,
         n INTEGER NOT NULL,

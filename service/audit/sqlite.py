@@ -19,7 +19,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from .interface import RecordRejected, StoreUnavailable
+from .interface import RecordRejected, RetentionPolicy, RetentionResult, StoreUnavailable
 from .records import encode
 from .sql import SqlBackend
 
@@ -114,6 +114,19 @@ class SqliteBackend(SqlBackend):
                 yield conn.cursor()
             finally:
                 conn.close()
+
+    def apply_retention(self, policy: RetentionPolicy, now: float) -> RetentionResult:
+        result = super().apply_retention(policy, now)
+        self.analyze()   # SQLite has no autovacuum to keep the planner's statistics fresh
+        return result
+
+    def analyze(self) -> None:
+        """Sampled statistics (a few ms even at millions of rows), so the planner picks the right index for each
+        filter; run after every retention pass."""
+        with self._lock, _translated():
+            conn = self._connection()
+            conn.execute("PRAGMA analysis_limit=1000")
+            conn.execute("ANALYZE")
 
     # ------------------------------------------------------------------ files from before schema versioning
 
