@@ -143,6 +143,7 @@ def test_thumbnail_is_the_decoded_rotated_image_with_longest_side_256():
     assert kept.media_type == "image/jpeg" and kept.kind == "thumbnail"
     small = Image.open(io.BytesIO(kept.data))
     assert small.format == "JPEG" and max(small.size) == 256
+    assert not small.getexif() and "icc_profile" not in small.info   # no metadata of the client's file
     assert small.size[1] > small.size[0]   # rotated: the 800-wide photo stands upright
     top = np.asarray(small.convert("RGB"))[:10].mean(axis=(0, 1))
     assert top[2] > 150 and top[0] < 100     # the stored left band is now on top (90° clockwise)
