@@ -23,9 +23,12 @@ _MAGIC = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"))
 
 def thumbnail(image: Image.Image, *, side: int = THUMBNAIL_SIDE, quality: int = THUMBNAIL_QUALITY) -> KeptInput:
     """A JPEG of ``image`` (already decoded and EXIF-rotated) with its longest side at most ``side``; never
-    enlarged, aspect ratio kept. Greyscale stays greyscale; anything else becomes RGB."""
-    small = image.copy()
-    small.thumbnail((side, side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    enlarged, aspect ratio kept, ``image`` left as it is (no full-size copy). Greyscale stays greyscale; anything
+    else becomes RGB. No metadata of the client's file is carried over."""
+    width, height = image.size
+    scale = min(1.0, side / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = image if size == image.size else image.resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0)
     if small.mode not in ("L", "RGB"):
         small = small.convert("RGB")
     buf = BytesIO()

@@ -2,8 +2,9 @@
 
 ``GET /v1/predictions`` (a page of summaries, newest first), ``GET /v1/predictions/export`` (the same selection,
 streamed as JSON lines or CSV), ``GET /v1/predictions/{id}`` (the full record) and
-``GET /v1/predictions/{id}/images/{n}`` (the kept input). :func:`install` adds them to an app with the error
-mapping of the store's exceptions: ``StoreUnavailable`` → 503 ``audit_unavailable``, ``InvalidQuery`` → 422.
+``GET /v1/predictions/{id}/images/{n}`` (the kept input).
+The store's exceptions are in the app's one error table (``service/errors.py``): ``StoreUnavailable`` → 503
+``audit_unavailable``, ``InvalidQuery`` → 422 ``invalid_parameter``.
 """
 
 from __future__ import annotations
@@ -11,24 +12,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ServiceError, error_response
-from .interface import InvalidQuery, StoreUnavailable, Summary
+from ..errors import ServiceError, responses
+from .interface import InvalidQuery, Summary
 from .query import DEFAULT_LIMIT, MAX_LIMIT, Filters, parse_time
 from .sql import EXPORT_PAGE
 from .store import AuditStore
 
-log = logging.getLogger("service")
 router = APIRouter(prefix="/v1", tags=["audit"])
-RETRY_AFTER_S = 2
 CSV_COLUMNS = ("id", "created_at", "created_at_iso", "model", "version", "route", "image_count", "image", "label",
                "score", "input_kept", "masks_kept")
 
@@ -68,7 +66,7 @@ def _filters(model: str | None = Query(None, max_length=200, description="model 
 
 
 @router.get("/predictions", summary="Search predictions, newest first (keyset-paginated)",
-            dependencies=[_strict(*FILTERS, "limit", "cursor")])
+            dependencies=[_strict(*FILTERS, "limit", "cursor")], responses=responses(401, 422, 503))
 async def search(request: Request, filters: Filters = Depends(_filters),
                  limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
                  cursor: str | None = Query(None, max_length=400, description="next_cursor of the previous page"),
@@ -78,7 +76,7 @@ async def search(request: Request, filters: Filters = Depends(_filters),
 
 
 @router.get("/predictions/export", summary="Stream every prediction a search selects (JSON lines or CSV)",
-            dependencies=[_strict(*FILTERS, "format")])
+            dependencies=[_strict(*FILTERS, "format")], responses=responses(401, 422, 503))
 async def export(request: Request, filters: Filters = Depends(_filters),
                  format: Literal["jsonl", "csv"] = Query("jsonl")) -> StreamingResponse:
     store = _store(request)
@@ -131,7 +129,8 @@ def _not_found(prediction_id: str) -> ServiceError:
                         "(never made, expired from the audit store, or auditing is disabled)")
 
 
-@router.get("/predictions/{prediction_id}", summary="The audit record of an earlier prediction")
+@router.get("/predictions/{prediction_id}", summary="The audit record of an earlier prediction",
+            responses=responses(401, 404, 503))
 async def get_prediction(request: Request, prediction_id: str) -> dict[str, Any]:
     record = await run_in_threadpool(_store(request).get, prediction_id) if _valid_id(prediction_id) else None
     if record is None:
@@ -139,7 +138,7 @@ async def get_prediction(request: Request, prediction_id: str) -> dict[str, Any]
     return record
 
 
-IMAGE_TYPES = {200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}}
+IMAGE_TYPES = {200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}, **responses(401, 404, 503)}
 
 
 @router.get("/predictions/{prediction_id}/images/{n}", summary="The input image kept for a prediction",
@@ -155,19 +154,3 @@ async def get_image(request: Request, prediction_id: str, n: int) -> Response:
     return Response(kept.data, media_type=kept.media_type,
                     headers={"Cache-Control": "private, max-age=86400, immutable",
                              "X-Macula-Input-Kind": kept.kind})
-
-
-def install(app: FastAPI, dependencies: Sequence[Any] = ()) -> None:
-    """Add the audit routes and map the store's exceptions to ``{"detail", "code"}`` answers."""
-
-    async def unavailable(request: Request, exc: StoreUnavailable):
-        log.warning("audit store unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(503, "audit_unavailable", "the audit store cannot read or commit records now; "
-                              "retry later", {"Retry-After": str(RETRY_AFTER_S)})
-
-    async def invalid(request: Request, exc: InvalidQuery):
-        return error_response(422, "invalid_parameter", str(exc))
-
-    app.add_exception_handler(StoreUnavailable, unavailable)
-    app.add_exception_handler(InvalidQuery, invalid)
-    app.include_router(router, dependencies=list(dependencies))
