@@ -401,3 +401,27 @@ def test_a_newer_schema_is_refused(tmp_path):
         conn.execute("UPDATE audit_schema SET version = 99")
     with pytest.raises(RuntimeError, match="schema version 99"):
         SqliteBackend(str(db)).open()
+
+
+def test_store_metrics_are_valid_prometheus_with_bounded_labels():
+    import shutil
+    import subprocess
+
+    from prometheus_client import generate_latest
+
+    registry = CollectorRegistry()
+    metrics = AuditMetrics(registry, "sqlite")
+    metrics.observe_commit(0.004, 12)
+    metrics.dropped("something new")     # an unknown reason is folded into "error", never a new series
+    metrics.retention_deleted("bytes", 3)
+    text = generate_latest(registry).decode()
+    assert metric(registry, "macula_audit_dropped_records_total", reason="error") == 1
+    assert 'reason="something new"' not in text
+    for reason in ("queue_full", "store_unavailable", "refused", "invalid", "closed"):
+        assert metric(registry, "macula_audit_dropped_records_total", reason=reason) == 0   # exported from the start
+    assert metric(registry, "macula_audit_retention_deleted_records_total", rule="bytes") == 3
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian 'prometheus': make system-deps)")
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
