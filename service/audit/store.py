@@ -39,7 +39,7 @@ from .interface import (
 )
 from .metrics import AuditMetrics
 from .query import DEFAULT_LIMIT, Filters
-from .records import EncodedRecord, encode
+from .records import EncodedRecord, encode, mask_png
 from .retention import RetentionWorker
 
 logger = logging.getLogger(__name__)
@@ -178,6 +178,12 @@ class AuditStore:
         if item is not None:
             return item.inputs[n] if 0 <= n < len(item.inputs) else None
         return self.backend.kept_input(prediction_id, n)
+
+    def mask(self, prediction_id: str, n: int, module: str, *, size: str = "feature") -> bytes | None:
+        """The PNG of one attention module's spatial mask for image ``n`` (``size="original"``: the copy resized to
+        the input, where the prediction asked for one), or None. Blocking; raises StoreUnavailable."""
+        record = self.get(prediction_id)
+        return None if record is None else mask_png(record, n, module, size=size)
 
     def search(self, filters: Filters, *, limit: int = DEFAULT_LIMIT, cursor: str | None = None) -> Page:
         if not self.enabled:

@@ -127,6 +127,30 @@ def test_kept_inputs_are_stored_and_marked_in_the_record(store_factory):
     assert "input" not in store.get("pred00002")["images"][0]
 
 
+def test_kept_input_and_each_modules_mask_come_back_through_the_store(store_factory):
+    """What an overlay needs: the image the model saw and every module's mask, by prediction id."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    store = store_factory(":memory:")
+    masks = {}
+    for module, value in (("layer1.0.cbam", 10), ("layer2.0.cbam", 200)):
+        buf = io.BytesIO()
+        Image.new("L", (4, 4), value).save(buf, format="PNG")
+        masks[module] = buf.getvalue()
+    record = make_record(1)
+    record["images"][0]["attention"] = [{"module": m, "height": 4, "width": 4, "png": base64.b64encode(p).decode()}
+                                        for m, p in masks.items()]
+    store.submit(record, [KeptInput("image/jpeg", b"\xff\xd8\xff thumbnail")])
+    assert store.flush(timeout=5)
+    assert store.kept_input("pred00001", 0).data == b"\xff\xd8\xff thumbnail"
+    for module, png in masks.items():
+        assert store.mask("pred00001", 0, module) == png
+    assert store.mask("pred00001", 0, "layer3.0.cbam") is None and store.mask("nosuchid", 0, "layer1.0.cbam") is None
+
+
 def test_record_without_created_at_gets_the_clock_time(store_factory):
     store = store_factory(":memory:", clock=Clock(now=42.0), max_age_s=None)
     record = make_record(1)
