@@ -89,6 +89,7 @@ def queries() -> dict[str, Filters]:
         "yesterday's unsure of one model": Filters(model="demo", max_score=0.5, since=START + 28 * DAY,
                                                    until=START + 29 * DAY),
         "no match: unknown label": Filters(label="no-such-label"),
+        "rare scores only (worst case)": Filters(min_score=0.05, max_score=0.051),
     }
 
 
