@@ -1,8 +1,10 @@
 """The audit trail: every prediction's record in SQLite or PostgreSQL, searchable, with its inputs kept.
 
-``interface`` (the backend contract and the store's exceptions), ``sqlite`` / ``postgres`` (the backends, on
-shared SQL in ``sql``), ``query`` (filters, cursors), ``records`` (record → rows, masks), ``inputs`` (kept
-thumbnails), ``store`` (queue, group commit, durable mode, faults), ``retention``, ``metrics``, ``routes``.
+``interface`` (the backend contract and the store's exceptions), ``backends`` (``MACULA_AUDIT_URL`` → a
+backend), ``sqlite`` / ``postgres`` (the backends, on the shared SQL in ``sql``), ``query`` (filters, cursors),
+``records`` (record → rows, masks back out), ``inputs`` (kept thumbnails), ``store`` (queue, group commit,
+durable mode, faults), ``retention``, ``metrics``, ``factory`` (the store from the service's settings) and
+``routes`` (search, export, records, kept images).
 """
 
 from .backends import open_backend
