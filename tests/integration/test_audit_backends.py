@@ -13,7 +13,6 @@ import pytest
 
 from service.audit import AuditStore, Filters, KeptInput, RetentionPolicy, open_backend
 from service.audit.records import encode
-from tests.integration.audit_pg import pg_cluster, pg_url  # noqa: F401  (fixtures)
 
 BACKENDS = ["sqlite", "postgresql"]
 MODELS = [("demo", "aaaaaaaaaaaa"), ("demo", "bbbbbbbbbbbb"), ("other", "cccccccccccc")]

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from service.audit import open_backend
-from tests.integration.audit_pg import free_port, pg_cluster, pg_url  # noqa: F401  (fixtures)
+from tests.integration.audit_pg import free_port
 from tests.integration.service_testing import model_dir_with
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.integration.audit_pg import pg_cluster, pg_url  # noqa: F401  (fixtures)
 from tests.integration.service_testing import image_bytes, model_dir_with, noise_image, serving
 
 pytestmark = pytest.mark.anyio
