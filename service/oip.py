@@ -37,6 +37,7 @@ ENCODINGS = ("gzip", "deflate")  # Content-Encoding of a request body that trito
 _LENGTH = struct.Struct("<I")
 
 Parameter = bool | StrictInt | float | str  # the protocol's $parameter: $string | $number | $boolean
+_SCALAR_TAGS = {"bool", "int", "float", "str"}  # how pydantic names the members of Parameter in an error's location
 
 
 class BadInferRequest(MalformedRequest):
@@ -158,9 +159,14 @@ def _validate(text: bytes | memoryview) -> InferRequestHeader:
     try:
         return InferRequestHeader.model_validate_json(bytes(text))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
-                             for e in exc.errors(include_url=False)[:5])
-        raise BadInferRequest(f"not an inference request: {problems}") from None
+        problems: dict[str, str] = {}
+        for error in exc.errors(include_url=False):
+            loc, message = error["loc"], error["msg"]
+            if loc and loc[-1] in _SCALAR_TAGS:  # one message per parameter, not one per member of the union
+                loc, message = loc[:-1], "must be a string, number or boolean"
+            problems.setdefault(".".join(str(p) for p in loc) or "body", message)
+        listed = "; ".join(f"{where}: {message}" for where, message in list(problems.items())[:5])
+        raise BadInferRequest(f"not an inference request: {listed}") from None
 
 
 def _one_input(header: InferRequestHeader) -> RequestInput:
@@ -182,7 +188,7 @@ def _json_images(tensor: RequestInput, count: int) -> list[bytes]:
     if data is None:
         raise BadInferRequest(f"input {INPUT!r} has no 'data' and no binary_data_size")
     if len(data) != count:
-        raise BadInferRequest(f"input {INPUT!r} has shape [{count}] but {len(data)} elements")
+        raise BadInferRequest(f"input {INPUT!r} has shape [{count}] but its 'data' holds {len(data)} elements")
     return [_base64(element, i) for i, element in enumerate(data)]
 
 

@@ -108,7 +108,7 @@ INFER_ERRORS = _errors(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
 health = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute,
-                   responses=_errors(401))
+                   responses=_errors(401, 422))  # 422: declared so FastAPI adds no validation model
 
 
 @health.get("/health/live", summary="Server live: 200 while the process is alive")
