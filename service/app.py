@@ -55,8 +55,8 @@ class RequestMetrics:
 
 
 class DrainGuard:
-    """Pure ASGI middleware: once :attr:`Service.drain_expired` is set, a request that has not started its answer
-    is stopped and answered JSON 503 ``not_ready`` while the server can still send it."""
+    """Pure ASGI middleware: once the drain runs out (:meth:`Service.drain_deadline`), a request that has not started
+    its answer is stopped and answered JSON 503 ``not_ready`` while the server can still send it."""
 
     def __init__(self, app: ASGIApp, service: Service, respond) -> None:
         self.app, self.service, self.respond = app, service, respond
@@ -73,13 +73,12 @@ class DrainGuard:
             await send(message)
 
         handling = asyncio.ensure_future(self.app(scope, receive, tracking_send))
-        expiry = asyncio.ensure_future(self.service.drain_expired.wait())
-        try:
-            await asyncio.wait({handling, expiry}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            expiry.cancel()
-            if not handling.done() and not started:
-                handling.cancel()
+        with self.service.drain_deadline() as expiry:
+            try:
+                await asyncio.wait({handling, expiry}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not handling.done() and not started:
+                    handling.cancel()
         if handling.done() and not handling.cancelled():
             handling.result()
             return
