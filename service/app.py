@@ -120,7 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, dependencies=secured, responses=errors.responses(401, 422))
     app.include_router(audit.router, dependencies=secured, responses=errors.responses(400, 401, 404, 422, 503))
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s)
-    handler = errors.install(app, metrics)
+    handler = app.state.error_handler = errors.install(app, metrics)
     app.add_middleware(DrainGuard, service=service, respond=handler.respond)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -134,12 +134,16 @@ class ErrorHandler:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def respond(self, exc: BaseException) -> JSONResponse:
+    def count(self, exc: BaseException) -> tuple[str, str, dict[str, str] | None]:
+        """Count ``exc`` as a rejection if a client caused it; returns its (code, detail, headers)."""
         code, detail, headers = classify(exc)
         reason = CODES[code].reason
         if reason is not None:
             self.metrics.reject(reason)
-        return error_response(code, detail, headers)
+        return code, detail, headers
+
+    def respond(self, exc: BaseException) -> JSONResponse:
+        return error_response(*self.count(exc))
 
     async def __call__(self, request: Request, exc: Exception) -> JSONResponse:
         response = self.respond(exc)
