@@ -265,10 +265,9 @@ class Service:
         if opened.cost > share.budget:
             raise ImageTooLarge(f"decoding this {opened.width}x{opened.height} image would take about "
                                 f"{opened.cost >> 20} MiB; the limit is {share.budget >> 20} MiB per request")
-        start = time.perf_counter()
-        decoded = await self.decode_pool.run(share, finish, opened, data, runner.meta.preprocessing,
-                                             cost=opened.cost)
-        self.metrics.observe_preprocess(runner.name, time.perf_counter() - start)
+        decoded, seconds = await self.decode_pool.run(share, _timed_finish, opened, data, runner.meta.preprocessing,
+                                                      cost=opened.cost)
+        self.metrics.observe_preprocess(runner.name, seconds)
         return decoded
 
     def _check_mask_budget(self, runner: ModelRunner, images: list[DecodedImage]) -> None:
@@ -285,6 +284,13 @@ class Service:
 
 def _probe(data: bytes, max_pixels: int, pre: Any) -> Any:
     return probe(data, max_pixels=max_pixels, pre=pre)
+
+
+def _timed_finish(opened: Any, data: bytes, pre: Any) -> tuple[DecodedImage, float]:
+    """Decode + preprocess one image on a pool thread; the time excludes waiting for the thread."""
+    start = time.perf_counter()
+    decoded = finish(opened, data, pre)
+    return decoded, time.perf_counter() - start
 
 
 async def _first_of(work: asyncio.Future, until_gone: Callable[[], Awaitable[Any]] | None) -> Any:
