@@ -255,8 +255,16 @@ class Service:
         return images, list(results)
 
     async def _decode_all(self, runner: ModelRunner, blobs: Sequence[bytes]) -> list[DecodedImage]:
+        """Every image decoded, in order; the first failure (or a cancellation) stops the others' decoding."""
         share = self.decode_pool.share()
-        return list(await asyncio.gather(*(self._decode(runner, share, blob) for blob in blobs)))
+        tasks = [asyncio.ensure_future(self._decode(runner, share, blob)) for blob in blobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                    task.add_done_callback(_consume)
 
     async def _decode(self, runner: ModelRunner, share: Share, data: bytes) -> DecodedImage:
         """Read the header (cheap), then decode in the request's turn and memory budget."""
