@@ -2,7 +2,8 @@
 
 Every Settings field is a flag (``--max-batch-size 8``, ``--no-channels-last``); only flags actually given
 override the ``MACULA_*`` environment. SIGTERM/SIGINT: readiness turns 503 at once, no new predictions are
-taken, everything accepted is answered (bounded by ``--drain-timeout-s``), the audit store is flushed.
+taken, everything accepted is answered (bounded by ``--drain-timeout-s``), the audit store is flushed, and the
+process exits with status 0 (130 when a second Ctrl-C cut the drain short).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 from typing import Any
 
 import uvicorn
@@ -34,11 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, plus: the moment a shutdown signal arrives, the service stops being ready."""
+    """uvicorn's server, plus: the moment a shutdown signal arrives, the service stops being ready; once it has
+    shut down, the process exits with status 0.
+
+    Since 0.29 uvicorn hands each signal it caught, after its graceful shutdown, to the handler that was in place
+    before it started ("cooperative signal handling"). With Python's defaults that handler kills the process with
+    the signal (SIGTERM: status 143, and ``make serve`` says ``Error 2``) or raises KeyboardInterrupt. A service
+    that has drained did what the signal asked, so :meth:`run` puts :meth:`exit_after_shutdown` there first.
+    """
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.config.app.state.service.begin_drain()
         super().handle_exit(sig, frame)
+
+    def run(self, sockets: list | None = None) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.exit_after_shutdown)
+        super().run(sockets)
+
+    def exit_after_shutdown(self, sig: int, frame: Any) -> None:
+        """Status 0 after a graceful shutdown; 128 + the signal when a second Ctrl-C forced the exit."""
+        raise SystemExit(128 + sig if self.force_exit else 0)
 
 
 def main(argv: list[str] | None = None) -> None:
