@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 from typing import Any
 
-import uvicorn
 from pydantic import ValidationError
 
+from . import server
 from .app import create_app
+from .server import DrainingServer
 from .settings import Settings
 
 
@@ -35,28 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, plus: the moment a shutdown signal arrives, the service stops being ready; once it has
-    shut down, the process exits with status 0.
+def exit_0_after_shutdown(http_server: DrainingServer) -> None:
+    """Make a graceful shutdown on SIGTERM/SIGINT end the process with status 0.
 
     Since 0.29 uvicorn hands each signal it caught, after its graceful shutdown, to the handler that was in place
     before it started ("cooperative signal handling"). With Python's defaults that handler kills the process with
     the signal (SIGTERM: status 143, and ``make serve`` says ``Error 2``) or raises KeyboardInterrupt. A service
-    that has drained did what the signal asked, so :meth:`run` puts :meth:`exit_after_shutdown` there first.
+    that has drained did what the signal asked, so the handler put in place here exits with 0 instead, or with
+    128 + the signal when a second Ctrl-C forced the exit.
     """
+    def exit_after_shutdown(sig: int, frame: Any) -> None:
+        raise SystemExit(128 + sig if http_server.force_exit else 0)
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self.config.app.state.service.begin_drain()
-        super().handle_exit(sig, frame)
-
-    def run(self, sockets: list | None = None) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.exit_after_shutdown)
-        super().run(sockets)
-
-    def exit_after_shutdown(self, sig: int, frame: Any) -> None:
-        """Status 0 after a graceful shutdown; 128 + the signal when a second Ctrl-C forced the exit."""
-        raise SystemExit(128 + sig if self.force_exit else 0)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, exit_after_shutdown)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            workers=1, lifespan="on", timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s))
-    DrainingServer(config).run()
+    http_server = DrainingServer(server.config(app, settings))
+    exit_0_after_shutdown(http_server)
+    http_server.run()
 
 
 if __name__ == "__main__":
