@@ -51,9 +51,20 @@ def start_make_serve(tmp_path: Path) -> tuple[subprocess.Popen, int]:
                 break
         assert time.monotonic() < deadline, "make serve did not become ready in 120 s"
         time.sleep(0.2)
-    children = subprocess.run(["pgrep", "-P", str(make.pid)], capture_output=True, text=True).stdout.split()
+    children = children_of(make.pid)
     assert len(children) == 1, children  # make runs the recipe's one command directly, without a shell
-    return make, int(children[0])
+    return make, children[0]
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, from /proc (no procps needed)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+            if int(fields[1]) == pid:
+                children.append(int(stat.parent.name))
+    return children
 
 
 def stop(make: subprocess.Popen) -> tuple[int, str]:
