@@ -55,7 +55,7 @@ async def _predict(request: Request, service: ServiceDep, name: str | None, *, t
     service.check_accepting()
     service.runner(name)  # 404 before the body is read
     blobs = await read_images(request, field="file", max_images=settings.max_images_per_request,
-                              max_bytes=settings.max_body_bytes)
+                              max_bytes=settings.max_body_bytes, max_depth=settings.json_max_depth)
     done = await service.predict(name, blobs, route=route, top_k=top_k, attention=attention,
                                  original_size=attention_size == "original",
                                  until_gone=partial(wait_disconnect, request))
