@@ -15,11 +15,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# promtool (Debian `prometheus`) for the metrics/config checks, wrk for the load benchmarks.
+# promtool (Debian `prometheus`) for the metrics/config checks, wrk for the load benchmarks, chromium for the
+# browser tests (tests/e2e/test_audit_page.py drives Debian's chromium through Playwright, no browser download).
 system-deps:
-	@if ! command -v promtool >/dev/null || ! command -v wrk >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus wrk >/dev/null; \
-	  else echo "install Debian packages 'prometheus' and 'wrk' (sudo apt-get install prometheus wrk)"; exit 1; fi; fi
+	@if ! command -v promtool >/dev/null || ! command -v wrk >/dev/null || ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus wrk chromium >/dev/null; \
+	  else echo "install Debian packages 'prometheus', 'wrk' and 'chromium' (sudo apt-get install prometheus wrk chromium)"; exit 1; fi; fi
 
 test: install system-deps
 	$(PY) -m pytest -q

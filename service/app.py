@@ -19,7 +19,7 @@ from .codec import treat_bomb_warnings_as_errors
 from .errors import REJECTION_REASONS, ServiceError, error_response, install_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics
-from .routers import audit, health, models, predict, torchserve
+from .routers import audit, audit_page, health, models, predict, torchserve
 from .settings import Settings
 from .state import ClientGone, Service
 
@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     for router in (models.router, predict.router, audit.router, torchserve.router):
         app.include_router(router, dependencies=secured)
+    audit_page.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.reject)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
