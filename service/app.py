@@ -19,7 +19,7 @@ from .codec import treat_bomb_warnings_as_errors
 from .errors import REJECTION_REASONS, ServiceError, error_response, install_handlers
 from .limits import BodySizeLimit
 from .metrics import Metrics
-from .routers import audit, audit_page, health, models, predict, torchserve
+from .routers import audit, audit_page, docs, health, models, predict, torchserve
 from .settings import Settings
 from .state import ClientGone, Service
 
@@ -89,7 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     treat_bomb_warnings_as_errors()
     metrics = Metrics()
     service = Service(settings, metrics)
-    app = FastAPI(title="Macula", version="0.1.0", lifespan=_lifespan(service),
+    app = FastAPI(title="Macula", version="0.1.0", lifespan=_lifespan(service), docs_url=None, redoc_url=None,
                   description="Image classification with BAM/CBAM attention masks, dynamic batching and an audit "
                               "trail. Errors are {\"detail\", \"code\"}; see docs/api.md.")
     app.state.service = service
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_error_metrics(app, service)
     secured = [Depends(require_api_key)]
     app.include_router(health.router)
+    docs.install(app)
     for router in (models.router, predict.router, audit.router, torchserve.router):
         app.include_router(router, dependencies=secured)
     audit_page.install(app)

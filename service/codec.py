@@ -56,8 +56,23 @@ def treat_bomb_warnings_as_errors() -> None:
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
+def _other_format(data: bytes) -> str | None:
+    """Image formats Pillow does not read but a client may well send: SVG, PDF, HEIF, JPEG XL (by signature)."""
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<svg", b"<?xml", b"<!doctype svg")) and b"<svg" in head:
+        return "SVG"
+    if data.startswith(b"%PDF-"):
+        return "PDF"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
+        return "HEIF"
+    if data.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
+        return "JPEG XL"
+    return None
+
+
 def _sniffed_format(data: bytes) -> str | None:
-    """The name of a Pillow format whose magic bytes match ``data``: only ``accept`` checks run, no decoder."""
+    """The name of a known image format whose magic bytes match ``data``: Pillow's ``accept`` checks (no
+    decoder runs), then the few formats Pillow cannot open at all."""
     Image.init()
     head = data[:64]
     for name, (_, accept) in Image.OPEN.items():
@@ -66,7 +81,7 @@ def _sniffed_format(data: bytes) -> str | None:
                 return name
         except Exception:  # noqa: BLE001, S112 - an accept() that chokes on the prefix just did not match
             continue
-    return None
+    return _other_format(data)
 
 
 def open_image(data: bytes, *, max_pixels: int) -> Image.Image:

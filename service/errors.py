@@ -60,6 +60,10 @@ def image_too_large(detail: str) -> ServiceError:
     return ServiceError(413, "image_too_large", detail)
 
 
+def too_many_images(detail: str) -> ServiceError:
+    return ServiceError(413, "body_too_large", detail)
+
+
 def overloaded(detail: str, retry_after_s: int = 1) -> ServiceError:
     return ServiceError(503, "overloaded", detail, {"Retry-After": str(retry_after_s)})
 

@@ -6,27 +6,33 @@ No field ever names a path or URL: images arrive in the body only.
 from __future__ import annotations
 
 import json
+from contextlib import aclosing
 
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
 from .codec import ALLOWED_CONTENT_TYPES, decode_base64
-from .errors import ServiceError, bad_request, unsupported
+from .errors import bad_request, too_many_images, unsupported
 
 
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-async def read_images(request: Request, *, field: str, max_images: int, max_bytes: int) -> list[bytes]:
-    """The request's images in order. 400 malformed / none, 415 wrong content type, 413 via the body limit."""
+async def read_images(request: Request, *, field: str, max_images: int, max_bytes: int,
+                      sniff_untyped: bool = False) -> list[bytes]:
+    """The request's images in order. 400 malformed / none, 415 wrong content type, 413 too many / too large.
+
+    ``sniff_untyped``: a body without Content-Type (or ``application/octet-stream``) is taken as one image whose
+    format the codec tells from its bytes, as TorchServe does (``curl URL -T kitten.jpg`` sends no Content-Type).
+    """
     media = _media_type(request)
     if media == "multipart/form-data":
         blobs = await _multipart(request, field, max_images, max_bytes)
     elif media == "application/json":
         blobs = _json_images(await request.body())
-    elif media in ALLOWED_CONTENT_TYPES or (media == "application/octet-stream" and field == "data"):
+    elif media in ALLOWED_CONTENT_TYPES or (sniff_untyped and media in ("", "application/octet-stream")):
         blobs = [await request.body()]
     elif media.startswith("image/"):
         raise unsupported(f"Content-Type {media} is not accepted; send image/jpeg, image/png or image/webp")
@@ -36,16 +42,22 @@ async def read_images(request: Request, *, field: str, max_images: int, max_byte
     if not blobs:
         raise bad_request(f"no images in the request (multipart parts must be named {field!r})")
     if len(blobs) > max_images:
-        raise ServiceError(413, "body_too_large", f"{len(blobs)} images in one request; the limit is {max_images}")
+        raise too_many_images(f"{len(blobs)} images in one request; the limit is {max_images}")
     if any(not b for b in blobs):
         raise bad_request("empty image")
     return blobs
 
 
 async def _multipart(request: Request, field: str, max_images: int, max_bytes: int) -> list[bytes]:
-    try:
-        form = await request.form(max_files=max_images + 1, max_fields=max_images + 16, max_part_size=max_bytes)
+    try:  # Starlette's parser itself: request.form() would turn every MultiPartException into a plain 400
+        async with aclosing(request.stream()) as stream:
+            parser = MultiPartParser(request.headers, stream, max_files=max_images, max_fields=max_images + 16,
+                                     max_part_size=max_bytes)
+            form = await parser.parse()
     except MultiPartException as exc:
+        if exc.message.startswith(("Too many files", "Too many fields")):  # Starlette stops counting there
+            raise too_many_images(f"more than {max_images} parts in the multipart body; the limit is "
+                                  f"{max_images} images per request") from None
         raise bad_request(f"malformed multipart body: {exc.message}") from None
     try:
         parts = form.getlist(field)

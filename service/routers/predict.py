@@ -6,13 +6,30 @@ import time
 from functools import partial
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from .. import formatting
 from ..errors import invalid_parameter
 from ..inputs import read_images
 
-router = APIRouter(prefix="/v1", tags=["predict"])
+PARAMETERS = ("top_k", "attention", "attention_size")
+
+
+def strict_query(request: Request) -> None:
+    """Refuse, by name, a query parameter these routes do not take (``?topk=3`` must not be silently ignored), one
+    given twice, or a ``top_k`` that is not a plain integer (``3.0``; pydantic alone would accept it)."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    for name in names:
+        if name not in PARAMETERS:
+            raise invalid_parameter(f"unknown query parameter {name!r}; this route takes {', '.join(PARAMETERS)}")
+        if names.count(name) > 1:
+            raise invalid_parameter(f"query parameter {name!r} is given more than once")
+    top_k = request.query_params.get("top_k")
+    if top_k is not None and not (top_k.isascii() and top_k.isdigit()):
+        raise invalid_parameter(f"top_k must be a whole number, got {top_k!r}")
+
+
+router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(strict_query)])
 
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {

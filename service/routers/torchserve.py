@@ -2,7 +2,9 @@
 
 ``POST /predictions/{name}``: raw image body or multipart field ``data`` → ``{label: score}`` for the top 5
 (a list of such objects when several images were sent). ``POST /explanations/{name}``: the attention maps
-(one list of ``{module, height, width, png}`` per image; a single image gets its list directly).
+(one list of ``{module, height, width, png}`` per image; a single image gets its list directly). As in
+TorchServe, a raw body needs no Content-Type (its bytes tell the format), and PUT works like POST: the curl
+forms of TorchServe's docs (``curl URL -T kitten.jpg``, a PUT without Content-Type) run unchanged.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ async def _classify(request: Request, name: str, *, attention: bool, route: str)
     runner = service.runner(name)
     settings = service.settings
     blobs = await read_images(request, field="data", max_images=settings.max_images_per_request,
-                              max_bytes=settings.max_body_bytes)
+                              max_bytes=settings.max_body_bytes, sniff_untyped=True)
     done = await service.classify(request, runner, blobs, attention=attention)
     format_ = partial(formatting.predictions, done, k=min(5, runner.meta.num_classes), attention=attention,
                       original_size=False)
@@ -39,12 +41,14 @@ def _one_or_list(items: list[Any]) -> Any:
     return items[0] if len(items) == 1 else items
 
 
+@router.put("/predictions/{name}", summary="TorchServe-style prediction (PUT, as `curl URL -T file` sends it)")
 @router.post("/predictions/{name}", summary="TorchServe-style prediction: {label: score} for the top 5")
 async def predictions(request: Request, name: str) -> Any:
     preds = await _classify(request, name, attention=False, route="/predictions/{name}")
     return _one_or_list([{t["label"]: t["score"] for t in p["top_k"]} for p in preds])
 
 
+@router.put("/explanations/{name}", summary="TorchServe-style explanation (PUT, as `curl URL -T file` sends it)")
 @router.post("/explanations/{name}", summary="TorchServe-style explanation: the attention maps")
 async def explanations(request: Request, name: str) -> Any:
     preds = await _classify(request, name, attention=True, route="/explanations/{name}")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
+import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -69,3 +73,28 @@ def assert_same_predictions(got: list[dict], expected: list[dict], atol: float =
         assert [t["index"] for t in g["top_k"]] == [t["index"] for t in e["top_k"]]
         for gt, et in zip(g["top_k"], e["top_k"], strict=True):
             assert abs(gt["score"] - et["score"]) <= atol, (gt, et)
+
+
+@contextmanager
+def live_server(model_dir: Path, tmp_path: Path, **overrides) -> Iterator[str]:
+    """The app under a real uvicorn server in a thread, on a free loopback port; yields its base URL once ready.
+
+    For what only a real socket shows: curl's own requests, half-sent requests, connection handling."""
+    defaults = {"audit_db": str(tmp_path / "audit.db"), "device": "cpu", "amp_dtype": "none", "drain_timeout_s": 2}
+    settings = Settings(model_dir=model_dir, **{**defaults, **overrides})
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started or httpx.get(f"{base}/readyz", timeout=2).status_code != 200:
+            assert thread.is_alive() and time.monotonic() < deadline, "the service did not become ready in 60 s"
+            time.sleep(0.1)
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+        sock.close()
