@@ -41,21 +41,21 @@ function askForKey(message) {
 
 // ---------------------------------------------------------------- list
 
-// One summary of GET /v1/predictions, read tolerantly: {id, created_at, model, version, images: [{label, score}]}.
+// One summary of GET /v1/predictions: {id, created_at, model: {name, version}, route, image_count, masks_kept,
+// images: [{n, label, score, input_kept}]}; the row shows its first image.
 function summaryOf(item) {
-  const model = item.model && typeof item.model === 'object' ? item.model : { name: item.model };
-  const images = item.images || item.top1 || [];
-  const first = images[0] || {};
-  const top = (first.top_k && first.top_k[0]) || first.top1 || first;
+  const model = item.model || {};
+  const first = (item.images && item.images[0]) || {};
   return {
     id: item.id,
     model: model.name || '',
-    version: model.version || item.version || '',
-    label: top.label ?? item.label ?? '',
-    score: top.score ?? item.score,
-    images: item.image_count ?? item.images_count ?? (images.length || 1),
+    version: model.version || '',
+    label: first.label ?? '',
+    score: first.score,
+    images: item.image_count ?? (item.images || []).length,
     created: item.created_at,
-    inputKept: item.input_kept ?? item.inputs_kept ?? true,
+    inputKept: first.input_kept !== false,
+    masksKept: item.masks_kept !== false,
   };
 }
 
@@ -95,6 +95,8 @@ function row(summary) {
     img.dataset.src = `v1/predictions/${encodeURIComponent(summary.id)}/images/0`;
     thumbnails.observe(img);
     thumb.append(img);
+  } else {
+    thumb.append(Object.assign(document.createElement('span'), { className: 'no-thumb', textContent: 'none kept' }));
   }
   const link = Object.assign(document.createElement('a'), {
     href: `#/p/${encodeURIComponent(summary.id)}`, textContent: summary.id.slice(0, 12), className: 'row-link',
@@ -103,6 +105,7 @@ function row(summary) {
   const open = cell('');
   open.append(link);
   if (summary.images > 1) open.append(` (+${summary.images - 1} images)`);
+  if (!summary.masksKept) open.append(Object.assign(document.createElement('span'), { className: 'no-thumb', textContent: ' no masks' }));
   const score = typeof summary.score === 'number' ? summary.score.toFixed(3) : '';
   tr.append(thumb, open, cell(summary.label, 'label'), cell(score, 'num'), cell(summary.model),
     cell(summary.version, 'mono'), cell(formatTime(summary.created)));
