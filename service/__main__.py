@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-from typing import Any
 
-import uvicorn
 from pydantic import ValidationError
 
+from . import server
 from .app import create_app
+from .server import DrainingServer
 from .settings import Settings
 
 
@@ -33,14 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, plus: the moment a shutdown signal arrives, the service stops being ready."""
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        self.config.app.state.service.begin_drain()
-        super().handle_exit(sig, frame)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     try:
@@ -49,9 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            workers=1, lifespan="on", timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s))
-    DrainingServer(config).run()
+    DrainingServer(server.config(app, settings)).run()
 
 
 if __name__ == "__main__":

@@ -1,30 +1,30 @@
 """The FastAPI app: ``create_app(settings)`` builds it; its lifespan loads, warms up, serves, drains.
 
-Middleware, outermost first: request metrics (count, latency, in-flight), body size limit. The API key is a
-dependency of every router but health/metrics; errors all leave as ``{"detail", "code"}`` (errors.py).
+Middleware, outermost first: request metrics (count, latency, in-flight); the drain guard (a request still
+unanswered when the drain runs out gets JSON 503 ``not_ready``, never the server's plain-text 500); the last-resort
+error handler; the body guard (size and read deadline). The API key is a dependency of every router but health,
+metrics and the docs; every error leaves as ``{"detail", "code"}`` through the one handler (errors.py).
 """
 
 from __future__ import annotations
 
-import logging
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import errors
 from .auth import require_api_key
 from .codec import treat_bomb_warnings_as_errors
-from .errors import REJECTION_REASONS, ServiceError, error_response, install_handlers
-from .limits import BodySizeLimit
+from .limits import BodyGuard
 from .metrics import Metrics
 from .routers import audit, audit_page, docs, health, models, predict, torchserve
 from .settings import Settings
-from .state import ClientGone, Service
-
-log = logging.getLogger("service")
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "client went away before the answer": logged, never sent
+from .state import NotReady, Service
 
 
 class RequestMetrics:
@@ -54,6 +54,44 @@ class RequestMetrics:
                                              time.perf_counter() - start)
 
 
+class DrainGuard:
+    """Pure ASGI middleware: once :attr:`Service.drain_expired` is set, a request that has not started its answer
+    is stopped and answered JSON 503 ``not_ready`` while the server can still send it."""
+
+    def __init__(self, app: ASGIApp, service: Service, respond) -> None:
+        self.app, self.service, self.respond = app, service, respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        handling = asyncio.ensure_future(self.app(scope, receive, tracking_send))
+        expiry = asyncio.ensure_future(self.service.drain_expired.wait())
+        try:
+            await asyncio.wait({handling, expiry}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            expiry.cancel()
+            if not handling.done() and not started:
+                handling.cancel()
+        if handling.done() and not handling.cancelled():
+            handling.result()
+            return
+        if started:  # already answering: let it finish
+            await handling
+            return
+        with contextlib.suppress(BaseException):
+            await handling
+        await self.respond(NotReady("shutting down: the drain timeout ran out before this request was answered; "
+                                    "retry on another instance"))(scope, receive, send)
+
+
 def _lifespan(service: Service):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,23 +104,6 @@ def _lifespan(service: Service):
     return lifespan
 
 
-def _add_error_metrics(app: FastAPI, service: Service) -> None:
-    """Count client-caused errors as rejections by reason, and answer vanished clients without noise."""
-
-    async def service_error(request: Request, exc: ServiceError):
-        reason = REJECTION_REASONS.get(exc.code)
-        if reason is not None:
-            service.metrics.reject(reason)
-        return exc.response()
-
-    async def client_gone(request: Request, exc: ClientGone):
-        service.metrics.reject("client_gone")
-        return error_response(CLIENT_CLOSED_REQUEST, "client_gone", "client closed the request")
-
-    app.add_exception_handler(ServiceError, service_error)
-    app.add_exception_handler(ClientGone, client_gone)
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; ``settings`` default to the environment (``MACULA_*``), read now, not at import."""
     settings = settings or Settings()
@@ -93,14 +114,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Image classification with BAM/CBAM attention masks, dynamic batching and an audit "
                               "trail. Errors are {\"detail\", \"code\"}; see docs/api.md.")
     app.state.service = service
-    install_handlers(app)
-    _add_error_metrics(app, service)
-    secured = [Depends(require_api_key)]
     app.include_router(health.router)
     docs.install(app)
+    secured = [Depends(require_api_key)]
     for router in (models.router, predict.router, audit.router, torchserve.router):
         app.include_router(router, dependencies=secured)
     audit_page.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, on_reject=metrics.reject)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s)
+    handler = errors.install(app, metrics)
+    app.add_middleware(DrainGuard, service=service, respond=handler.respond)
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

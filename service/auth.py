@@ -10,6 +10,7 @@ import hmac
 from fastapi import Request
 
 from .errors import ServiceError
+from .state import ServiceDep
 
 
 def presented_key(request: Request) -> str | None:
@@ -20,8 +21,8 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-async def require_api_key(request: Request) -> None:
-    expected = request.app.state.service.settings.api_key
+async def require_api_key(request: Request, service: ServiceDep) -> None:
+    expected = service.settings.api_key
     if expected is None or not expected.get_secret_value():
         return
     key = presented_key(request)

@@ -24,9 +24,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ServiceError, deadline_exceeded, internal_error, overloaded
-
 log = logging.getLogger("service.batching")
+
+
+class QueueFull(Exception):
+    """No room in the model's queue for the request's images."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its images were run."""
+
+
+class InferenceFailed(Exception):
+    """The model failed on this image alone (the cause is logged, never shown)."""
+
+    def __init__(self) -> None:
+        super().__init__("inference failed for this image; the failure was logged on the server")
 
 
 class Cancellable(Protocol):
@@ -132,11 +145,11 @@ class Batcher:
     # ------------------------------------------------------------------ event-loop side
 
     def reserve(self, model: str, count: int) -> None:
-        """Claim queue room for ``count`` images about to be decoded, or raise 503 overloaded."""
+        """Claim queue room for ``count`` images about to be decoded, or raise :class:`QueueFull`."""
         with self._cond:
             used = len(self._queues[model]) + self._expecting[model]
             if used + count > self.max_queue:
-                raise overloaded(f"queue for model {model!r} is full ({used}/{self.max_queue} images); retry shortly")
+                raise QueueFull(f"queue for model {model!r} is full ({used}/{self.max_queue} images); retry shortly")
             self._expecting[model] += count
 
     def release(self, model: str, count: int) -> None:
@@ -145,11 +158,14 @@ class Batcher:
             self._expecting[model] -= count
             self._cond.notify()
 
-    def submit(self, model: str, inputs: Sequence[np.ndarray], *, attention: bool) -> list[asyncio.Future]:
-        """Queue reserved images; returns one future per image (resolved on this event loop)."""
+    def submit(self, model: str, inputs: Sequence[np.ndarray], *, attention: bool,
+               deadline: float | None = None) -> list[asyncio.Future]:
+        """Queue reserved images; returns one future per image (resolved on this event loop). ``deadline``
+        (``time.monotonic()``) is the request's; by default ``timeout_s`` from now."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        entries = [Pending(x, loop.create_future(), now, now + self.timeout_s, attention, loop) for x in inputs]
+        deadline = now + self.timeout_s if deadline is None else deadline
+        entries = [Pending(x, loop.create_future(), now, deadline, attention, loop) for x in inputs]
         with self._cond:
             self._expecting[model] -= len(entries)
             self._queues[model].extend(entries)
@@ -241,7 +257,8 @@ class Batcher:
     def _drop(self, model: str, collected: Collected) -> None:
         """Answer expired entries with 504 (counted where the response is made); cancelled ones need nothing."""
         for entry in collected.expired:
-            _deliver(entry, error=deadline_exceeded(self.timeout_s))
+            _deliver(entry, error=DeadlineExceeded(f"the request's deadline ({self.timeout_s:g} s) passed before its "
+                                                   "images were run"))
         if collected.cancelled:
             log.debug("skipped %d queued image(s) of %r whose client went away", len(collected.cancelled), model)
 
@@ -253,7 +270,10 @@ class Batcher:
         self._run_isolating(model, batch)
 
     def _run_isolating(self, model: str, batch: list[Pending]) -> None:
-        """Run a batch; if it raises, bisect so that only the images that fail on their own get an error."""
+        """Run a batch; if it raises, bisect so that only the images that fail on their own get an error.
+
+        This is the one batch-splitting mechanism: a poisoned image and a CUDA out-of-memory batch both end here
+        (the runner frees its cached memory before re-raising an OOM, so the halves start clean)."""
         try:
             start = time.monotonic()
             results = self.run_batch(model, np.stack([e.inputs for e in batch]), any(e.attention for e in batch))
@@ -262,11 +282,13 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 - the worker must outlive any batch
             if len(batch) > 1:
                 half = len(batch) // 2
+                log.warning("batch of %d failed for %r (%s); retrying as %d + %d", len(batch), model,
+                            type(exc).__name__, half, len(batch) - half)
                 self._run_isolating(model, batch[:half])
                 self._run_isolating(model, batch[half:])
                 return
             log.error("inference failed for one image of model %r: %r", model, exc, exc_info=exc)
-            _deliver(batch[0], error=exc if isinstance(exc, ServiceError) else internal_error())
+            _deliver(batch[0], error=InferenceFailed())
             return
         if self.metrics is not None:
             self.metrics.observe_batch(model, len(batch), time.monotonic() - start)

@@ -32,11 +32,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models import Preprocessing
 
-from .errors import ServiceError, image_too_large, undecodable, unsupported
-
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 ALLOWED_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}  # Pillow's storage; else 4
+STRIP_PIXELS = 1 << 20  # pixels per strip when narrowing 16-bit images (8 MB of int64 at a time)
 DRAFT_MARGIN = 4
 
 
@@ -84,26 +84,46 @@ def _sniffed_format(data: bytes) -> str | None:
     return _other_format(data)
 
 
+class ImageError(Exception):
+    """Something is wrong with the bytes a client sent as an image (the message says what, for a human)."""
+
+
+class EmptyImage(ImageError):
+    pass
+
+
+class UnsupportedFormat(ImageError):
+    pass
+
+
+class ImageTooLarge(ImageError):
+    pass
+
+
+class UndecodableImage(ImageError):
+    pass
+
+
 def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
-    """Identify ``data`` (JPEG/PNG/WebP only, 415 otherwise) and check its size from the header (413)."""
+    """Identify ``data`` (JPEG/PNG/WebP only) and check its pixel count from the header, before any decoding."""
     if not data:
-        raise ServiceError(400, "bad_request", "empty image")
+        raise EmptyImage("empty image")
     try:
         img = Image.open(BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         fmt = _sniffed_format(data)
         if fmt is not None:
-            raise unsupported(f"image format {fmt} is not accepted; send JPEG, PNG or WebP") from None
-        raise undecodable("not a recognisable image (expected JPEG, PNG or WebP)") from None
+            raise UnsupportedFormat(f"image format {fmt} is not accepted; send JPEG, PNG or WebP") from None
+        raise UndecodableImage("not a recognisable image (expected JPEG, PNG or WebP)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise image_too_large(f"image too large: {exc}") from None
+        raise ImageTooLarge(f"image too large: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any Pillow failure on a client's bytes is the client's problem
-        raise undecodable(f"cannot read image header: {type(exc).__name__}") from None
+        raise UndecodableImage(f"cannot read image header: {type(exc).__name__}") from None
     if img.width * img.height > max_pixels:
-        raise image_too_large(f"image is {img.width}x{img.height} = {img.width * img.height} pixels; "
-                              f"the limit is {max_pixels}")
+        raise ImageTooLarge(f"image is {img.width}x{img.height} = {img.width * img.height} pixels; "
+                            f"the limit is {max_pixels}")
     if img.width < 1 or img.height < 1:
-        raise undecodable("image has no pixels")
+        raise UndecodableImage("image has no pixels")
     return img
 
 
@@ -117,32 +137,79 @@ def _draft_for(img: Image.Image, pre: Preprocessing) -> None:
         img.draft("L" if pre.color == "L" else "RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
 
 
+@dataclass
+class Opened:
+    """An image whose header was read (nothing decoded yet): its original size after EXIF orientation, and the
+    bytes decoding it is estimated to hold at its peak."""
+
+    img: Image.Image
+    width: int
+    height: int
+    cost: int
+
+
+def probe(data: bytes, *, max_pixels: int, pre: Preprocessing) -> Opened:
+    """Open ``data`` (header only) and estimate the bytes decoding it will hold at its peak: the decoded image,
+    one more full-size copy (EXIF rotation or a mode conversion) and the converted result. After a JPEG draft."""
+    img = open_image(data, max_pixels=max_pixels)
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+        width, height = (img.height, img.width) if orientation in (5, 6, 7, 8) else (img.width, img.height)
+        _draft_for(img, pre)
+    except Exception as exc:  # noqa: BLE001
+        raise UndecodableImage(f"cannot read image header: {type(exc).__name__}") from None
+    return Opened(img, width, height, _decode_cost(img, pre.color, rotates=orientation in range(2, 9)))
+
+
+def _decode_cost(img: Image.Image, color: str, *, rotates: bool) -> int:
+    """Peak bytes of decoding ``img``: Pillow's decoded image, a rotated copy when EXIF asks for one, the 8-bit
+    image a 16-bit one is narrowed to, the converted image when the mode is not ``color``."""
+    pixels, decoded = img.width * img.height, BYTES_PER_PIXEL.get(img.mode, 4)
+    cost = pixels * decoded * (2 if rotates else 1)
+    if img.mode in SIXTEEN_BIT_MODES:
+        cost += pixels + STRIP_PIXELS * 8
+    if img.mode != color:
+        cost += pixels * (1 if color == "L" else 4)
+    return cost
+
+
+def _sixteen_to_eight_bits(img: Image.Image) -> Image.Image:
+    """16/32-bit greyscale → 8 bits as round(v / 257) clipped to 0..255, a strip of rows at a time, so no full-size
+    wide copy is ever made (a 39 MP 16-bit image holds 78 MB; one float64 copy of it would be 312 MB)."""
+    out = np.empty((img.height, img.width), np.uint8)
+    rows = max(1, STRIP_PIXELS // img.width)
+    for top in range(0, img.height, rows):
+        strip = np.asarray(img.crop((0, top, img.width, min(top + rows, img.height))), dtype=np.int64)
+        out[top:top + rows] = np.clip((strip + 128) // 257, 0, 255)  # == round(v / 257): v + 128.5 never hits .5
+    return Image.fromarray(out, mode="L")
+
+
 def canonical_mode(img: Image.Image, color: str) -> Image.Image:
     """Any decoded mode → ``color`` ("RGB" or "L") by the rules in the module docstring."""
     if img.mode in SIXTEEN_BIT_MODES:
-        wide = np.asarray(img, dtype=np.float64 if img.mode == "I" else None).astype(np.float64)
-        img = Image.fromarray(np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+        img = _sixteen_to_eight_bits(img)
     elif img.mode in ("P", "PA"):
         img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
     return img if img.mode == color else img.convert(color)
 
 
-def decode(data: bytes, *, max_pixels: int, pre: Preprocessing) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode to a PIL image in ``pre.color``; returns it and the original (w, h) after EXIF orientation."""
-    img = open_image(data, max_pixels=max_pixels)
+def decode_opened(opened: Opened, pre: Preprocessing) -> Image.Image:
+    """Decode an image :func:`probe` opened, to ``pre.color``, EXIF orientation applied."""
     try:
-        exif_swaps = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-        original = (img.height, img.width) if exif_swaps else (img.width, img.height)
-        _draft_for(img, pre)
+        img = opened.img
         img.load()
         img = ImageOps.exif_transpose(img) or img
-        return canonical_mode(img, pre.color), original
-    except ServiceError:
-        raise
+        return canonical_mode(img, pre.color)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise image_too_large(f"image too large: {exc}") from None
+        raise ImageTooLarge(f"image too large: {exc}") from None
     except Exception as exc:  # noqa: BLE001
-        raise undecodable(f"cannot decode image: {type(exc).__name__}: {str(exc)[:100]}") from None
+        raise UndecodableImage(f"cannot decode image: {type(exc).__name__}: {str(exc)[:100]}") from None
+
+
+def decode(data: bytes, *, max_pixels: int, pre: Preprocessing) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to a PIL image in ``pre.color``; returns it and the original (w, h) after EXIF orientation."""
+    opened = probe(data, max_pixels=max_pixels, pre=pre)
+    return decode_opened(opened, pre), (opened.width, opened.height)
 
 
 def _resize_size(w: int, h: int, pre: Preprocessing) -> tuple[int, int]:
@@ -203,9 +270,15 @@ def normalise(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
 
 
 def preprocess(data: bytes, *, max_pixels: int, pre: Preprocessing) -> DecodedImage:
-    """The whole client-bytes → model-pixels path, run in the decode pool."""
-    img, (width, height) = decode(data, max_pixels=max_pixels, pre=pre)
-    return DecodedImage(to_pixels(img, pre), width, height, hashlib.sha256(data).hexdigest(), len(data))
+    """The whole client-bytes → model-pixels path in one call (the service runs :func:`probe` and
+    :func:`finish` as two steps, so that it can budget the memory in between)."""
+    return finish(probe(data, max_pixels=max_pixels, pre=pre), data, pre)
+
+
+def finish(opened: Opened, data: bytes, pre: Preprocessing) -> DecodedImage:
+    """Decode an image :func:`probe` opened and make the model's pixels from it."""
+    pixels = to_pixels(decode_opened(opened, pre), pre)
+    return DecodedImage(pixels, opened.width, opened.height, hashlib.sha256(data).hexdigest(), len(data))
 
 
 def png_base64(mask: np.ndarray) -> str:
@@ -218,17 +291,3 @@ def png_base64(mask: np.ndarray) -> str:
 def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
     """A uint8 mask resized (bilinear) to an image's size, for overlays."""
     return np.asarray(Image.fromarray(mask, mode="L").resize((width, height), Image.Resampling.BILINEAR))
-
-
-def decode_base64(text: str) -> bytes:
-    """Strict base64 (or a ``data:image/...;base64,`` URI) → bytes; anything else is a 400."""
-    if not isinstance(text, str):
-        raise ServiceError(400, "bad_request", "each entry of 'images' must be a base64 string")
-    if text.startswith("data:"):
-        header, sep, text = text.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise ServiceError(400, "bad_request", "data: URIs must be base64 encoded (data:image/png;base64,...)")
-    try:
-        return base64.b64decode(text, validate=True)
-    except ValueError:
-        raise ServiceError(400, "bad_request", "invalid base64 in 'images'") from None

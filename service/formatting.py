@@ -1,20 +1,33 @@
-"""Model results → response JSON (top-k lists, attention PNGs) and the audit record. Runs in the decode pool
-because PNG encoding is CPU work that must stay off the event loop."""
+"""Model results → the per-image JSON of ``/v1`` predict (top-k lists, attention PNGs) and the audit record.
+
+PNG encoding is CPU work: :func:`with_masks` runs in the decode pool. Masks at the input image's size
+(``attention_size=original``) are scaled down to at most ``max_side`` on their longer side (aspect kept), and
+the service refuses a request whose original-size masks would exceed its byte budget before running it.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .codec import png_base64, resize_mask
-from .state import Classified
+from .codec import DecodedImage, png_base64, resize_mask
+from .inference import ImageResult, ModelRunner
+
+if TYPE_CHECKING:
+    from .state import Prediction
 
 
 def top_k(scores: np.ndarray, class_names: list[str], k: int) -> list[dict[str, Any]]:
     order = np.argsort(-scores, kind="stable")[:k]
     return [{"index": int(i), "label": class_names[i], "score": float(scores[i])} for i in order]
+
+
+def capped_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(w, h) scaled down, aspect kept, so that the longer side is at most ``max_side`` (never scaled up)."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def attention_entries(masks: dict[str, np.ndarray], original: tuple[int, int] | None) -> list[dict[str, Any]]:
@@ -30,25 +43,36 @@ def attention_entries(masks: dict[str, np.ndarray], original: tuple[int, int] | 
     return entries
 
 
-def predictions(done: Classified, *, k: int, attention: bool, original_size: bool) -> list[dict[str, Any]]:
-    out = []
-    for image, result in zip(done.images, done.results, strict=True):
-        item: dict[str, Any] = {"top_k": top_k(result.scores, done.model.meta.class_names, k)}
+def predictions(runner: ModelRunner, images: list[DecodedImage], results: list[ImageResult], *, k: int,
+                attention: bool) -> list[dict[str, Any]]:
+    """The top-k of each image (and an empty attention list where asked for; :func:`with_masks` fills it)."""
+    items = []
+    for result in results:
+        item: dict[str, Any] = {"top_k": top_k(result.scores, runner.meta.class_names, k)}
         if attention:
-            item["attention"] = attention_entries(result.masks or {},
-                                                  (image.width, image.height) if original_size else None)
-        out.append(item)
-    return out
+            item["attention"] = []
+        items.append(item)
+    return items
 
 
-def audit_record(done: Classified, preds: list[dict[str, Any]], *, route: str, started: float) -> dict[str, Any]:
+def with_masks(runner: ModelRunner, images: list[DecodedImage], results: list[ImageResult],
+               items: list[dict[str, Any]], original_size: bool, max_side: int) -> list[dict[str, Any]]:
+    """``items`` with each image's attention entries (blocking: PNG encoding)."""
+    for image, result, item in zip(images, results, items, strict=True):
+        original = capped_size(image.width, image.height, max_side) if original_size else None
+        item["attention"] = attention_entries(result.masks or {}, original)
+    return items
+
+
+def audit_record(prediction: Prediction, *, route: str, started: float) -> dict[str, Any]:
     images = []
-    for image, pred in zip(done.images, preds, strict=True):
+    for image, item in zip(prediction.images, prediction.items, strict=True):
         entry = {"sha256": image.sha256, "bytes": image.nbytes, "width": image.width, "height": image.height,
-                 "top_k": pred["top_k"]}
-        if "attention" in pred:
-            entry["attention"] = pred["attention"]
+                 "top_k": item["top_k"]}
+        if "attention" in item:
+            entry["attention"] = item["attention"]
         images.append(entry)
-    model = {"name": done.model.name, "version": done.model.meta.version, "precision": done.model.precision}
-    return {"id": done.id, "created_at": time.time(), "model": model,
+    runner = prediction.model
+    model = {"name": runner.name, "version": runner.meta.version, "precision": runner.precision}
+    return {"id": prediction.id, "created_at": time.time(), "model": model,
             "route": route, "latency_ms": round(1000 * (time.perf_counter() - started), 3), "images": images}

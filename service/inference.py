@@ -1,19 +1,18 @@
 """What the model does: load a checkpoint onto a device, run a batch, return scores and attention masks.
 
-Runs on the batcher's inference thread only. At load every BatchNorm is folded into its conv (exact; 1.16–1.24×
-on 2 CPU cores, bench/serving_forms.py). A batch arrives as the codec's uint8 (N, H, W, C) pixels: stacking and
+Runs on the batcher's inference thread only. At load every BatchNorm is folded into its conv (exact, and faster:
+docs/benchmarks.md has the measurements). A batch arrives as the codec's uint8 (N, H, W, C) pixels: stacking and
 copying 8-bit pixels costs a quarter of floats (and a quarter of the host→GPU copy), and normalising the whole
 batch is one vectorised pass whose result is already channels_last. Autocast follows ``amp_dtype`` (bf16 by
-default) on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX: 2.1–2.3× float32 for CBAM-ResNet18/50 on 2
-Sapphire Rapids cores; elsewhere emulated bf16 is slower, so float32). On such a CPU the weights are stored in
-bf16 too (cast once at load): half the memory per served model, outputs bit-identical to autocast over float32
-weights, no measurable speed change. CUDA also gets pinned host memory and non-blocking copies; an
-out-of-memory batch is split in halves and retried.
+default) on CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX; elsewhere emulated bf16 is slower than
+float32, so float32). On such a CPU the weights are stored in bf16 too (cast once at load): half the memory per
+served model, outputs bit-identical to autocast over float32 weights. CUDA also gets pinned host memory and
+non-blocking copies. A CUDA out-of-memory error frees the allocator's cache and is re-raised: the batcher splits
+the batch (batching.py has the one splitting mechanism, for any failing batch).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import CheckpointMetadata, fold_batchnorm, load_checkpoint
+from models import fold_batchnorm, load_checkpoint
 
-log = logging.getLogger("service.inference")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
 
 
@@ -65,11 +63,11 @@ class ModelRunner:
                  channels_last: bool = True, native_cpu_bf16: bool | None = None) -> None:
         self.name, self.path, self.device = name, path, torch.device(device)
         model, self.meta = load_checkpoint(path, map_location=self.device)
-        self.channels_last = channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.amp_dtype = autocast_dtype(self.device, amp_dtype, native_cpu_bf16=native_cpu_bf16)
         self.model = prepare_for_serving(model, self.device, self.amp_dtype, memory_format=self.memory_format)
         self.has_attention = bool(self.meta.arch.get("attention"))
+        self.attention_modules: list[str] = []  # the attention maps' module names, known after the first forward
         pre = self.meta.preprocessing  # (x / 255 - mean) / std  ==  (x - 255 mean) / (255 std)
         self.pixel_mean = torch.tensor(pre.mean, device=self.device).mul(255).view(1, -1, 1, 1)
         self.pixel_std = torch.tensor(pre.std, device=self.device).mul(255).view(1, -1, 1, 1)
@@ -80,27 +78,20 @@ class ModelRunner:
         return str(self.amp_dtype or torch.float32).removeprefix("torch.")
 
     @property
-    def metadata(self) -> CheckpointMetadata:
-        return self.meta
-
-    @property
     def input_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of one image's pixels."""
         pre = self.meta.preprocessing
         return (*pre.input_size, 3 if pre.color == "RGB" else 1)
 
     def run(self, inputs: np.ndarray, attention: bool = False) -> list[ImageResult]:
-        """uint8 (N, H, W, C) pixels → N results; CUDA OOM splits the batch and retries the halves."""
+        """uint8 (N, H, W, C) pixels → N results. On CUDA out-of-memory the cache is freed and the error re-raised
+        for the batcher to split the batch."""
         try:
             return self._forward(inputs, attention)
         except torch.OutOfMemoryError:
-            if len(inputs) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(inputs) // 2
-            log.warning("CUDA out of memory at batch %d for %r; retrying as %d + %d", len(inputs), self.name,
-                        half, len(inputs) - half)
-            return self.run(inputs[:half], attention) + self.run(inputs[half:], attention)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise
 
     def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
         """uint8 NHWC → normalised float32 NCHW on the device; NHWC memory is channels_last already."""
@@ -118,6 +109,8 @@ class ModelRunner:
                 logits, maps = self.model.forward_with_attention(x)
             else:
                 logits, maps = self.model(x), {}
+        if maps and not self.attention_modules:
+            self.attention_modules = list(maps)
         scores = logits.float().softmax(dim=1).cpu().numpy()
         masks = {name: (m.spatial.float() * 255).round().clamp(0, 255).to(torch.uint8)[:, 0].cpu().numpy()
                  for name, m in maps.items()}

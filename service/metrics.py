@@ -18,10 +18,10 @@ DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1,
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
-REJECTION_REASONS = frozenset({"overload", "timeout", "bad_input", "too_large", "unsupported_format", "unauthorized",
-                               "not_found", "client_gone"})
+# the bounded label set of macula_rejections_total; errors.py maps each error code onto one of them
+REJECTION_REASONS = frozenset({"overload", "timeout", "read_timeout", "bad_input", "too_large", "unsupported_format",
+                               "unauthorized", "not_found", "not_ready", "client_gone"})
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-GPU_MEMORY_KINDS = ("allocated", "reserved")
 OTHER = "other"
 UNMATCHED_ROUTE = "unmatched"
 

@@ -12,12 +12,11 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Batch defaults per device, from measurement (ResNet-18 + CBAM @ 224, channels_last, 2 torch threads, 2-core
-# box: batch 1: 34.6 img/s, 4: 48.6, 8: 46.6, 16: 47.5): images/s rise up to batch 4-8 and then flatten while
-# latency keeps growing, so 8 is the cap; one image's forward takes tens of ms there, so waiting more than a
-# few ms for company buys nothing. A GPU keeps gaining up to batch 64+ and its forward is ~1-3 ms, so it caps
-# higher and waits a bit longer to fill a batch. The wait only ever happens while more images are being
-# decoded (see batching.py).
+# Batch defaults per device, from measurement (docs/benchmarks.md): on CPU images/s rise up to batch 4-8 and then
+# flatten while latency keeps growing, so 8 is the cap; one image's forward takes tens of ms there, so waiting more
+# than a few ms for company buys nothing. A GPU keeps gaining up to batch 64+ and its forward takes milliseconds,
+# so it caps higher and waits a bit longer to fill a batch. The wait only ever happens while more images are
+# being decoded (see batching.py).
 CPU_BATCH_DEFAULTS = (8, 3.0)  # (max_batch_size, max_batch_delay_ms)
 CUDA_BATCH_DEFAULTS = (64, 5.0)
 
@@ -41,6 +40,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(64, ge=1)
+    json_max_depth: int = Field(8, ge=2)  # nesting of a JSON body, checked while parsing
+    decode_memory_bytes: int = Field(384 * 1024 * 1024, ge=1)  # per request: estimated peak of its running decodes
+    read_timeout_s: float = Field(20.0, gt=0)  # request line + headers, and then the whole body, must arrive in time
+    max_mask_side: int = Field(1024, ge=1)  # attention_size=original: masks larger than this are scaled down
+    max_mask_bytes: int = Field(32 * 1024 * 1024, ge=1)  # ... and all of a response's original masks, raw pixels
     audit_db: str = "macula_audit.db"
     audit_max_records: int = Field(100_000, ge=1)
     audit_max_age_days: float = Field(30.0, gt=0)

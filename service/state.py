@@ -1,5 +1,6 @@
-"""The running service: its models, batcher, decode pool, audit store and metrics, and the classify path
-that every predict route shares (reserve queue room → decode in the pool → queue → await the results)."""
+"""The running service: its models, batcher, decode pool, audit store and metrics, and :meth:`Service.predict`, the one
+predict path every route calls (validate → reserve queue room → decode in the pool → queue → await the results →
+format → audit). Routes only parse requests and format answers; nothing here knows HTTP."""
 
 from __future__ import annotations
 
@@ -7,18 +8,20 @@ import asyncio
 import logging
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from fastapi import Depends
 from starlette.requests import Request
 
+from . import formatting
 from .audit import AuditStore
-from .batching import Batcher
-from .codec import DecodedImage, preprocess
-from .errors import ServiceError, not_ready
+from .batching import Batcher, DeadlineExceeded
+from .codec import DecodedImage, ImageTooLarge, finish, probe
+from .decoding import DecodePool, Share
 from .inference import ImageResult, ModelRunner
 from .metrics import Metrics
 from .settings import Settings
@@ -30,13 +33,33 @@ class ClientGone(Exception):
     """The client disconnected while its images were queued or running."""
 
 
+class ModelNotFound(Exception):
+    pass
+
+
+class InvalidParameter(Exception):
+    pass
+
+
+class NotReady(Exception):
+    def __init__(self, detail: str = "the service is not ready (starting up or shutting down)") -> None:
+        super().__init__(detail)
+
+
+class MasksTooLarge(Exception):
+    pass
+
+
 @dataclass
-class Classified:
-    """The outcome of one predict call, before formatting."""
+class Prediction:
+    """The outcome of one predict call: the raw results (for routes that format them their own way) and
+    ``items``, the per-image JSON of ``/v1`` predict that the audit record holds too."""
 
     model: ModelRunner
     images: list[DecodedImage]
     results: list[ImageResult]
+    items: list[dict[str, Any]]
+    top_k: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -55,12 +78,14 @@ class Service:
         self.runners: dict[str, ModelRunner] = {}
         self.default_model: str | None = None
         self.batcher: Batcher | None = None
-        self.decode_pool = ThreadPoolExecutor(settings.decode_workers(), thread_name_prefix="macula-decode")
+        self.decode_pool = DecodePool(settings.decode_workers(), budget_bytes=settings.decode_memory_bytes)
         self.audit = AuditStore(settings.audit_db, max_records=settings.audit_max_records,
                                 max_age_s=settings.audit_max_age_days * 86400.0, on_write=metrics.audit_written,
                                 on_failure=metrics.audit_failed)
         self.ready = False
         self.draining = False
+        self.drain_expired = asyncio.Event()  # set shortly before the drain timeout: answer everything now
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -93,6 +118,7 @@ class Service:
         return "demo" if "demo" in self.runners else min(self.runners)
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.load)
         for runner in self.runners.values():
             await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
@@ -103,9 +129,16 @@ class Service:
                  self.max_batch_size, 1000 * self.max_batch_delay)
 
     def begin_drain(self) -> None:
-        """Stop taking new work (SIGTERM): readiness goes 503 at once; accepted requests still finish."""
+        """Stop taking new work (SIGTERM): readiness goes 503 at once; accepted requests still finish, and those
+        not finished shortly before ``drain_timeout_s`` are answered 503 ``not_ready`` (see :attr:`drain_expired`)."""
+        if self.draining:
+            return
         self.draining = True
         self.metrics.set_ready(False)
+        timeout = self.settings.drain_timeout_s
+        answer_by = max(0.0, timeout - min(1.0, timeout / 4))  # leave the server time to send those answers
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._loop.call_later, answer_by, self.drain_expired.set)
 
     async def stop(self) -> None:
         self.begin_drain()
@@ -114,7 +147,7 @@ class Service:
             if not finished:
                 log.error("inference queue not drained within %.0f s", self.settings.drain_timeout_s)
         await asyncio.to_thread(self.audit.close, 10.0)
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.shutdown()
 
     # ------------------------------------------------------------------ request path
 
@@ -122,55 +155,133 @@ class Service:
     def accepting(self) -> bool:
         return self.ready and not self.draining
 
+    def check_accepting(self) -> None:
+        if not self.accepting:
+            raise NotReady("draining: the service is shutting down" if self.draining else
+                           "loading models: the service is starting up")
+
     def runner(self, name: str | None) -> ModelRunner:
         name = name or self.default_model
         if name not in self.runners:
             known = ", ".join(self.runners) or "none"
-            raise ServiceError(404, "model_not_found", f"unknown model {name!r}; served models: {known}")
+            raise ModelNotFound(f"unknown model {name!r}; served models: {known}")
         return self.runners[name]
 
-    def _run_batch(self, model: str, inputs, attention: bool) -> list[ImageResult]:
+    def _run_batch(self, model: str, inputs: Any, attention: bool) -> list[ImageResult]:
         return self.runners[model].run(inputs, attention)
 
-    async def in_pool(self, fn, *args) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, fn, *args)
+    async def in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking ``fn(*args)`` on a decode-pool thread, in a turn of its own."""
+        return await self.decode_pool.run(self.decode_pool.share(), fn, *args)
 
-    async def _decode(self, runner: ModelRunner, data: bytes) -> DecodedImage:
-        decoded, seconds = await self.in_pool(_timed_preprocess, data, self.settings.max_image_pixels, runner)
-        self.metrics.observe_preprocess(runner.name, seconds)
-        return decoded
-
-    def check_accepting(self) -> None:
-        if not self.accepting:
-            raise not_ready()
-
-    async def classify(self, request: Request, runner: ModelRunner, blobs: list[bytes], *,
-                       attention: bool) -> Classified:
-        """Decode ``blobs`` in the pool, queue them, await their results (or the client leaving)."""
+    async def predict(self, model: str | None, blobs: Sequence[bytes], *, route: str, top_k: int | None = None,
+                      attention: bool = False, original_size: bool = False,
+                      until_gone: Callable[[], Awaitable[Any]] | None = None) -> Prediction:
+        """Classify ``blobs`` (encoded images) with ``model`` (None: the default). The request's deadline
+        (``request_timeout_s`` from now) covers decoding, queueing and inference; ``until_gone`` returns when the
+        client has left (its queued images are then skipped: :class:`ClientGone`)."""
+        started, deadline = time.perf_counter(), time.monotonic() + self.settings.request_timeout_s
         self.check_accepting()
+        runner = self.runner(model)
+        k = self._top_k(runner, top_k)
+        work = asyncio.ensure_future(self._classify(runner, blobs, attention and runner.has_attention,
+                                                    original_size and attention, deadline))
+        images, results = await _first_of(work, until_gone)
+        items = formatting.predictions(runner, images, results, k=k, attention=attention)
+        if attention:  # PNG encoding is CPU work: off the event loop
+            items = await self.in_pool(formatting.with_masks, runner, images, results, items, original_size,
+                                       self.settings.max_mask_side)
+        prediction = Prediction(runner, images, results, items, k)
+        self._record(formatting.audit_record(prediction, route=route, started=started))
+        return prediction
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """Hand the finished record to the audit store: the one place the predict path does."""
+        self.audit.submit(record)
+
+    @staticmethod
+    def _top_k(runner: ModelRunner, top_k: int | None) -> int:
+        classes = runner.meta.num_classes
+        if top_k is None:
+            return min(5, classes)
+        if not 1 <= top_k <= classes:
+            raise InvalidParameter(f"top_k must be between 1 and {classes}, got {top_k}")
+        return top_k
+
+    async def _classify(self, runner: ModelRunner, blobs: Sequence[bytes], attention: bool, original_size: bool,
+                        deadline: float) -> tuple[list[DecodedImage], list[ImageResult]]:
+        """Reserve queue room, decode within the deadline, check the mask budget, queue, await the results."""
         self.batcher.reserve(runner.name, len(blobs))
         try:
-            images = await asyncio.gather(*(self._decode(runner, b) for b in blobs))
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    images = await self._decode_all(runner, blobs)
+            except TimeoutError:
+                raise DeadlineExceeded(f"the request's deadline ({self.settings.request_timeout_s:g} s) passed "
+                                       "while its images were being decoded") from None
+            if original_size:
+                self._check_mask_budget(runner, images)
         except BaseException:
             self.batcher.release(runner.name, len(blobs))
             raise
-        futures = self.batcher.submit(runner.name, [img.pixels for img in images], attention=attention)
-        results = await _await_or_disconnect(futures, request)
+        futures = self.batcher.submit(runner.name, [img.pixels for img in images], attention=attention,
+                                      deadline=deadline)
+        try:
+            results = await asyncio.gather(*futures)
+        finally:
+            for future in futures:
+                future.cancel()  # no-op for finished ones; the batcher skips cancelled ones still queued
         self.metrics.observe_predictions(runner.name, (float(r.scores.max()) for r in results))
-        return Classified(runner, images, results)
+        return images, list(results)
+
+    async def _decode_all(self, runner: ModelRunner, blobs: Sequence[bytes]) -> list[DecodedImage]:
+        share = self.decode_pool.share()
+        return list(await asyncio.gather(*(self._decode(runner, share, blob) for blob in blobs)))
+
+    async def _decode(self, runner: ModelRunner, share: Share, data: bytes) -> DecodedImage:
+        """Read the header (cheap), then decode in the request's turn and memory budget."""
+        pre = self.settings.max_image_pixels, runner.meta.preprocessing
+        opened = await self.decode_pool.run(share, _probe, data, *pre)
+        if opened.cost > share.budget:
+            raise ImageTooLarge(f"decoding this {opened.width}x{opened.height} image would take about "
+                                f"{opened.cost >> 20} MiB; the limit is {share.budget >> 20} MiB per request")
+        start = time.perf_counter()
+        decoded = await self.decode_pool.run(share, finish, opened, data, runner.meta.preprocessing,
+                                             cost=opened.cost)
+        self.metrics.observe_preprocess(runner.name, time.perf_counter() - start)
+        return decoded
+
+    def _check_mask_budget(self, runner: ModelRunner, images: list[DecodedImage]) -> None:
+        side = self.settings.max_mask_side
+        pixels = sum(formatting.capped_size(img.width, img.height, side)[0] *
+                     formatting.capped_size(img.width, img.height, side)[1] for img in images)
+        total = pixels * len(runner.attention_modules)
+        if total > self.settings.max_mask_bytes:
+            raise MasksTooLarge(f"attention_size=original would return {total >> 20} MiB of masks "
+                                f"({len(runner.attention_modules)} modules x {len(images)} images); the limit is "
+                                f"{self.settings.max_mask_bytes >> 20} MiB: send fewer or smaller images, or use "
+                                "attention_size=feature")
 
 
-def _timed_preprocess(data: bytes, max_pixels: int, runner: ModelRunner) -> tuple[DecodedImage, float]:
-    """Decode + preprocess one image in the pool; the time excludes waiting for a pool thread."""
-    start = time.perf_counter()
-    decoded = preprocess(data, max_pixels=max_pixels, pre=runner.meta.preprocessing)
-    return decoded, time.perf_counter() - start
+def _probe(data: bytes, max_pixels: int, pre: Any) -> Any:
+    return probe(data, max_pixels=max_pixels, pre=pre)
 
 
-async def _wait_disconnect(request: Request) -> None:
-    """Returns when the client has gone (the body was already read, so the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+async def _first_of(work: asyncio.Future, until_gone: Callable[[], Awaitable[Any]] | None) -> Any:
+    """``work``'s result, or :class:`ClientGone` (``work`` cancelled) if ``until_gone`` returns first."""
+    if until_gone is None:
+        return await work
+    watcher = asyncio.ensure_future(until_gone())
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when this coroutine is cancelled
+        watcher.cancel()
+        if not work.done():
+            work.cancel()
+            work.add_done_callback(_consume)
+    if work not in done:
+        raise ClientGone()
+    return work.result()
 
 
 def _consume(future: asyncio.Future) -> None:
@@ -178,18 +289,15 @@ def _consume(future: asyncio.Future) -> None:
         future.exception()
 
 
-async def _await_or_disconnect(futures: list[asyncio.Future], request: Request) -> list[ImageResult]:
-    """All results, or :class:`ClientGone` if the client leaves first (its queued images are then skipped)."""
-    gathered = asyncio.gather(*futures)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:  # also when this handler is cancelled
-        watcher.cancel()
-        gathered.cancel()  # cancels its children; its outcome is then read by _consume, so nothing is logged
-        gathered.add_done_callback(_consume)
-        for future in futures:
-            future.cancel()  # no-op for finished ones; the batcher skips cancelled ones still queued
-    if gathered not in done:
-        raise ClientGone()
-    return gathered.result()
+def get_service(request: Request) -> Service:
+    """The running service, as a FastAPI dependency."""
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client has gone (once the body was read, the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

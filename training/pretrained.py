@@ -3,17 +3,18 @@
 Macula's ResNets keep torchvision's state-dict keys for every non-attention weight, so a file saved
 with ``torch.save(torchvision.models.resnet50(weights=...).state_dict(), PATH)`` loads straight in.
 Attention modules keep their own initialisation; tensors whose shape differs (``fc`` for another
-number of classes, ``conv1`` for grayscale input) are skipped and reported. The file is read with
-``torch.load(weights_only=True)``: no pickle code runs.
+number of classes, ``conv1`` for grayscale input) are skipped and reported. The file is read by
+:func:`models.weights.read_weights` (safetensors, or ``torch.load(weights_only=True)``): no pickle code runs.
 """
 
 from __future__ import annotations
 
 import logging
-import pickle
 
 import torch
 from torch import nn
+
+from models.weights import WeightsError, read_weights
 
 log = logging.getLogger("training")
 
@@ -24,17 +25,9 @@ class InitFromError(ValueError):
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise InitFromError(f"--init-from: {path}: no such file") from exc
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        raise InitFromError(f"--init-from: {path}: not a weights-only torch state dict ({exc})") from exc
-    for key in ("state_dict", "model"):  # common wrappers around a state dict
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InitFromError(f"--init-from: {path}: expected a dict of tensors (a state dict)")
-    return state
+        return read_weights(path).state_dict
+    except WeightsError as exc:
+        raise InitFromError(f"--init-from: {exc}") from exc
 
 
 def load_torchvision_backbone(model: nn.Module, spec: str) -> set[str]:

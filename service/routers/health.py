@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Any
 
-from ..errors import not_ready
+from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
+
+from ..errors import responses
+from ..state import ServiceDep
 
 router = APIRouter(tags=["health"])
 
@@ -14,15 +18,14 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="200 once every model is loaded and warmed up; 503 while starting or draining")
-async def readyz(request: Request) -> dict:
-    service = request.app.state.service
-    if not service.accepting:
-        raise not_ready("draining" if service.draining else "loading models")
+@router.get("/readyz", summary="200 once every model is loaded and warmed up; 503 while starting or draining",
+            responses=responses(503))
+async def readyz(service: ServiceDep) -> dict[str, Any]:
+    service.check_accepting()
     return {"status": "ready", "models": list(service.runners), "default_model": service.default_model}
 
 
-@router.get("/metrics", summary="Prometheus text format")
-async def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.service.metrics.render()
+@router.get("/metrics", summary="Prometheus text format", response_class=PlainTextResponse)
+async def metrics(service: ServiceDep) -> Response:
+    body, content_type = service.metrics.render()
     return Response(body, media_type=None, headers={"Content-Type": content_type})

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
+from ..errors import responses
 from ..inference import ModelRunner
+from ..state import ServiceDep
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
@@ -22,12 +24,11 @@ def describe(runner: ModelRunner) -> dict[str, Any]:
             "training": meta.training}
 
 
-@router.get("/models", summary="Every served model")
-async def list_models(request: Request) -> dict[str, Any]:
-    service = request.app.state.service
+@router.get("/models", summary="Every served model", responses=responses(401))
+async def list_models(service: ServiceDep) -> dict[str, Any]:
     return {"default": service.default_model, "models": [describe(r) for r in service.runners.values()]}
 
 
-@router.get("/models/{name}", summary="One served model")
-async def get_model(request: Request, name: str) -> dict[str, Any]:
-    return describe(request.app.state.service.runner(name))
+@router.get("/models/{name}", summary="One served model", responses=responses(401, 404))
+async def get_model(service: ServiceDep, name: str) -> dict[str, Any]:
+    return describe(service.runner(name))

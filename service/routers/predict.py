@@ -1,36 +1,18 @@
-"""POST /v1/models/{name}/predict and /v1/predict (the default model)."""
+"""POST /v1/models/{name}/predict and /v1/predict (the default model): parse the request, call
+:meth:`Service.predict`, answer ``{"id", "model", "predictions"}``."""
 
 from __future__ import annotations
 
-import time
 from functools import partial
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from .. import formatting
-from ..errors import invalid_parameter
+from ..errors import responses
 from ..inputs import read_images
+from ..state import InvalidParameter, ServiceDep, wait_disconnect
 
 PARAMETERS = ("top_k", "attention", "attention_size")
-
-
-def strict_query(request: Request) -> None:
-    """Refuse, by name, a query parameter these routes do not take (``?topk=3`` must not be silently ignored), one
-    given twice, or a ``top_k`` that is not a plain integer (``3.0``; pydantic alone would accept it)."""
-    names = [name for name, _ in request.query_params.multi_items()]
-    for name in names:
-        if name not in PARAMETERS:
-            raise invalid_parameter(f"unknown query parameter {name!r}; this route takes {', '.join(PARAMETERS)}")
-        if names.count(name) > 1:
-            raise invalid_parameter(f"query parameter {name!r} is given more than once")
-    top_k = request.query_params.get("top_k")
-    if top_k is not None and not (top_k.isascii() and top_k.isdigit()):
-        raise invalid_parameter(f"top_k must be a whole number, got {top_k!r}")
-
-
-router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(strict_query)])
-
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
@@ -40,42 +22,57 @@ IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
         "images": {"type": "array", "items": {"type": "string", "description": "base64 or data: URI"}}}}},
 }}}
-
-TopK = Query(None, description="how many classes to return, 1..num_classes (default 5, or all if fewer)")
-Attention = Query(False, description="also return each attention module's spatial map as a PNG")
-AttentionSize = Query("feature", description="'original': each map also resized to the input image's size")
+PREDICT_ERRORS = responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
 
-async def predict_images(request: Request, name: str | None, *, top_k: int | None, attention: bool,
-                         attention_size: str, route: str) -> dict[str, Any]:
-    """The predict flow shared by both routes: validate, read, classify, format, audit."""
-    started = time.perf_counter()
-    service = request.app.state.service
-    service.check_accepting()
-    runner = service.runner(name)
-    top_k = min(5, runner.meta.num_classes) if top_k is None else top_k
-    if not 1 <= top_k <= runner.meta.num_classes:
-        raise invalid_parameter(f"top_k must be between 1 and {runner.meta.num_classes}, got {top_k}")
+def strict_query(request: Request) -> None:
+    """Refuse, by name, a query parameter these routes do not take (``?topk=3`` must not be silently ignored), one
+    given twice, or a ``top_k`` that is not a plain integer (``3.0``; pydantic alone would accept it)."""
+    names = [name for name, _ in request.query_params.multi_items()]
+    for name in names:
+        if name not in PARAMETERS:
+            raise InvalidParameter(f"unknown query parameter {name!r}; this route takes {', '.join(PARAMETERS)}")
+        if names.count(name) > 1:
+            raise InvalidParameter(f"query parameter {name!r} is given more than once")
+    top_k = request.query_params.get("top_k")
+    if top_k is not None and not (top_k.isascii() and top_k.isdigit()):
+        raise InvalidParameter(f"top_k must be a whole number, got {top_k!r}")
+
+
+router = APIRouter(prefix="/v1", tags=["predict"], dependencies=[Depends(strict_query)])
+
+TopK = Annotated[int | None, Query(ge=1, description="how many classes to return, 1..num_classes (default 5, or "
+                                                     "all if fewer)")]
+Attention = Annotated[bool, Query(description="also return each attention module's spatial map as a PNG")]
+AttentionSize = Annotated[Literal["feature", "original"], Query(
+    description="'original': each map also resized to the input image's size (longer side capped)")]
+
+
+async def _predict(request: Request, service: ServiceDep, name: str | None, *, top_k: int | None, attention: bool,
+                   attention_size: str, route: str) -> dict[str, Any]:
     settings = service.settings
+    service.check_accepting()
+    service.runner(name)  # 404 before the body is read
     blobs = await read_images(request, field="file", max_images=settings.max_images_per_request,
                               max_bytes=settings.max_body_bytes)
-    done = await service.classify(request, runner, blobs, attention=attention)
-    format_ = partial(formatting.predictions, done, k=top_k, attention=attention,
-                      original_size=attention_size == "original")
-    preds = await service.in_pool(format_) if attention else format_()  # PNG encoding stays off the event loop
-    service.audit.submit(formatting.audit_record(done, preds, route=route, started=started))
-    return {"id": done.id, "model": {"name": runner.name, "version": runner.meta.version}, "predictions": preds}
+    done = await service.predict(name, blobs, route=route, top_k=top_k, attention=attention,
+                                 original_size=attention_size == "original",
+                                 until_gone=partial(wait_disconnect, request))
+    return {"id": done.id, "model": {"name": done.model.name, "version": done.model.meta.version},
+            "predictions": done.items}
 
 
-@router.post("/models/{name}/predict", summary="Classify images with a named model", openapi_extra=IMAGE_BODY)
-async def predict_named(request: Request, name: str, top_k: int | None = TopK, attention: bool = Attention,
-                        attention_size: Literal["feature", "original"] = AttentionSize) -> dict[str, Any]:
-    return await predict_images(request, name, top_k=top_k, attention=attention, attention_size=attention_size,
-                                route="/v1/models/{name}/predict")
+@router.post("/models/{name}/predict", summary="Classify images with a named model", openapi_extra=IMAGE_BODY,
+             responses=PREDICT_ERRORS)
+async def predict_named(request: Request, service: ServiceDep, name: str, top_k: TopK = None,
+                        attention: Attention = False, attention_size: AttentionSize = "feature") -> dict[str, Any]:
+    return await _predict(request, service, name, top_k=top_k, attention=attention, attention_size=attention_size,
+                          route="/v1/models/{name}/predict")
 
 
-@router.post("/predict", summary="Classify images with the default model", openapi_extra=IMAGE_BODY)
-async def predict_default(request: Request, top_k: int | None = TopK, attention: bool = Attention,
-                          attention_size: Literal["feature", "original"] = AttentionSize) -> dict[str, Any]:
-    return await predict_images(request, None, top_k=top_k, attention=attention, attention_size=attention_size,
-                                route="/v1/predict")
+@router.post("/predict", summary="Classify images with the default model", openapi_extra=IMAGE_BODY,
+             responses=PREDICT_ERRORS)
+async def predict_default(request: Request, service: ServiceDep, top_k: TopK = None, attention: Attention = False,
+                          attention_size: AttentionSize = "feature") -> dict[str, Any]:
+    return await _predict(request, service, None, top_k=top_k, attention=attention, attention_size=attention_size,
+                          route="/v1/predict")

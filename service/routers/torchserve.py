@@ -9,47 +9,51 @@ forms of TorchServe's docs (``curl URL -T kitten.jpg``, a PUT without Content-Ty
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
 
-from .. import formatting
+from ..errors import responses
 from ..inputs import read_images
+from ..state import Prediction, ServiceDep, wait_disconnect
 
 router = APIRouter(tags=["torchserve"])
+IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "data": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+}}}
+ERRORS = responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
 
-async def _classify(request: Request, name: str, *, attention: bool, route: str):
-    started = time.perf_counter()
-    service = request.app.state.service
-    service.check_accepting()
-    runner = service.runner(name)
+async def _predict(request: Request, service: ServiceDep, name: str, *, attention: bool, route: str) -> Prediction:
     settings = service.settings
+    service.check_accepting()
+    service.runner(name)  # 404 before the body is read
     blobs = await read_images(request, field="data", max_images=settings.max_images_per_request,
                               max_bytes=settings.max_body_bytes, sniff_untyped=True)
-    done = await service.classify(request, runner, blobs, attention=attention)
-    format_ = partial(formatting.predictions, done, k=min(5, runner.meta.num_classes), attention=attention,
-                      original_size=False)
-    preds = await service.in_pool(format_) if attention else format_()  # PNG encoding stays off the event loop
-    service.audit.submit(formatting.audit_record(done, preds, route=route, started=started))
-    return preds
+    return await service.predict(name, blobs, route=route, attention=attention,
+                                 until_gone=partial(wait_disconnect, request))
 
 
 def _one_or_list(items: list[Any]) -> Any:
     return items[0] if len(items) == 1 else items
 
 
-@router.put("/predictions/{name}", summary="TorchServe-style prediction (PUT, as `curl URL -T file` sends it)")
-@router.post("/predictions/{name}", summary="TorchServe-style prediction: {label: score} for the top 5")
-async def predictions(request: Request, name: str) -> Any:
-    preds = await _classify(request, name, attention=False, route="/predictions/{name}")
-    return _one_or_list([{t["label"]: t["score"] for t in p["top_k"]} for p in preds])
+@router.put("/predictions/{name}", summary="TorchServe-style prediction (PUT, as `curl URL -T file` sends it)",
+            openapi_extra=IMAGE_BODY, responses=ERRORS)
+@router.post("/predictions/{name}", summary="TorchServe-style prediction: {label: score} for the top 5",
+             openapi_extra=IMAGE_BODY, responses=ERRORS)
+async def predictions(request: Request, service: ServiceDep, name: str) -> Any:
+    done = await _predict(request, service, name, attention=False, route="/predictions/{name}")
+    return _one_or_list([{t["label"]: t["score"] for t in item["top_k"]} for item in done.items])
 
 
-@router.put("/explanations/{name}", summary="TorchServe-style explanation (PUT, as `curl URL -T file` sends it)")
-@router.post("/explanations/{name}", summary="TorchServe-style explanation: the attention maps")
-async def explanations(request: Request, name: str) -> Any:
-    preds = await _classify(request, name, attention=True, route="/explanations/{name}")
-    return _one_or_list([p["attention"] for p in preds])
+@router.put("/explanations/{name}", summary="TorchServe-style explanation (PUT, as `curl URL -T file` sends it)",
+            openapi_extra=IMAGE_BODY, responses=ERRORS)
+@router.post("/explanations/{name}", summary="TorchServe-style explanation: the attention maps",
+             openapi_extra=IMAGE_BODY, responses=ERRORS)
+async def explanations(request: Request, service: ServiceDep, name: str) -> Any:
+    done = await _predict(request, service, name, attention=True, route="/explanations/{name}")
+    return _one_or_list([item["attention"] for item in done.items])

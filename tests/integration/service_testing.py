@@ -12,12 +12,12 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
-import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
+from service.server import DrainingServer, config
 from service.settings import Settings
 
 
@@ -84,7 +84,8 @@ def live_server(model_dir: Path, tmp_path: Path, **overrides) -> Iterator[str]:
     settings = Settings(model_dir=model_dir, **{**defaults, **overrides})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning", lifespan="on"))
+    app = create_app(settings)
+    server = DrainingServer(config(app, settings, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -14,8 +14,9 @@ from PIL import Image
 from skimage import data
 
 from models import Preprocessing
-from service.codec import _center_crop, _resize_size, decode_base64, normalise, png_base64, preprocess, to_pixels
-from service.errors import ServiceError
+from service.codec import ImageError, _center_crop, _resize_size, normalise, png_base64, preprocess, to_pixels
+from service.errors import CODES, classify
+from service.inputs import MalformedRequest, decode_base64
 
 RGB_PRE = Preprocessing(input_size=(64, 64), resize_mode="center_crop", resize_size=72)
 GRAY_PRE = Preprocessing(input_size=(32, 32), resize_mode="stretch", resize_size=32, mean=(0.5,), std=(0.25,),
@@ -170,15 +171,16 @@ HOSTILE = {
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_files_are_refused(photo, case):
     make, status, code = HOSTILE[case]
-    with pytest.raises(ServiceError) as info:
+    with pytest.raises(ImageError) as info:
         preprocess(make(photo), max_pixels=LIMIT, pre=RGB_PRE)
-    assert (info.value.status, info.value.code) == (status, code), info.value.detail
+    got = classify(info.value)[0]
+    assert (CODES[got].status, got) == (status, code), str(info.value)
 
 
 def test_pixel_limit_is_checked_from_the_header():
-    with pytest.raises(ServiceError) as info:
+    with pytest.raises(ImageError) as info:
         preprocess(encode(Image.new("L", (100, 100))), max_pixels=9_999, pre=GRAY_PRE)
-    assert info.value.status == 413
+    assert CODES[classify(info.value)[0]].status == 413
 
 
 def test_strict_base64():
@@ -187,9 +189,9 @@ def test_strict_base64():
     assert decode_base64(text) == raw
     assert decode_base64("data:image/png;base64," + text) == raw
     for bad in (text[:-2] + "!!", "not base64 at all", "data:image/png," + text, text + "\n"):
-        with pytest.raises(ServiceError) as info:
+        with pytest.raises(MalformedRequest) as info:
             decode_base64(bad)
-        assert info.value.status == 400
+        assert CODES[classify(info.value)[0]].status == 400
 
 
 def test_mask_png_is_8_bit_grey_with_the_exact_values():

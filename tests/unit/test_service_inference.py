@@ -1,5 +1,5 @@
 """The model runner: same scores as the plain model (BN folded, uint8 pixels normalised per batch), masks =
-round(255 x spatial), batching-invariant results, the CPU precision rule, CUDA out-of-memory split and retry,
+round(255 x spatial), batching-invariant results, the CPU precision rule, CUDA out-of-memory split (by the batcher),
 output count checked."""
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ def test_results_do_not_depend_on_the_batch(gray_checkpoint, inputs, amp_dtype):
     assert all(r.masks is None for r in runner.run(inputs[:2], attention=False))
 
 
-def test_out_of_memory_splits_the_batch_and_retries(gray_checkpoint, inputs, monkeypatch):
+def test_out_of_memory_is_split_by_the_batcher_like_any_failing_batch(gray_checkpoint, inputs, monkeypatch):
+    import asyncio
+
+    from service.batching import Batcher
+
     runner = ModelRunner("gray", gray_checkpoint, device="cpu")
     expected = [r.scores for r in runner.run(inputs)]
     real_forward, sizes = runner._forward, []
@@ -57,12 +61,26 @@ def test_out_of_memory_splits_the_batch_and_retries(gray_checkpoint, inputs, mon
         return real_forward(x, attention)
 
     monkeypatch.setattr(runner, "_forward", forward)
-    results = runner.run(inputs)
-    assert sizes == [6, 3, 1, 2, 3, 1, 2]
+    with pytest.raises(torch.OutOfMemoryError):  # the runner itself does not split: it re-raises
+        runner.run(inputs)
+    sizes.clear()
+    batcher = Batcher(lambda model, x, attention: runner.run(x, attention), ["gray"], max_size=8, max_delay=0.0,
+                      max_queue=16, timeout_s=30)
+
+    async def all_at_once():
+        blocked = batcher.call(lambda: None)
+        batcher.reserve("gray", len(inputs))
+        futures = batcher.submit("gray", list(inputs), attention=False)
+        await asyncio.wrap_future(blocked)
+        return await asyncio.gather(*futures)
+
+    batcher.start()
+    try:
+        results = asyncio.run(all_at_once())
+    finally:
+        assert batcher.stop(10)
+    assert sizes[0] == 6 and sizes == [6, 3, 1, 2, 3, 1, 2]
     np.testing.assert_allclose(np.stack([r.scores for r in results]), np.stack(expected), atol=1e-5)
-    with pytest.raises(torch.OutOfMemoryError):
-        monkeypatch.setattr(runner, "_forward", lambda x, a: (_ for _ in ()).throw(torch.OutOfMemoryError("oom")))
-        runner.run(inputs[:1])
 
 
 def test_output_count_is_checked(gray_checkpoint, inputs, monkeypatch):
