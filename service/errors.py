@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import batching, codec, inputs, limits, state
+from . import batching, codec, inputs, limits, overlay, state
 from .metrics import REJECTION_REASONS, Metrics
 
 log = logging.getLogger("service")
@@ -42,6 +42,7 @@ CODES: dict[str, Rule] = {
     "not_found": Rule(404, "not_found"),
     "model_not_found": Rule(404, "not_found"),
     "prediction_not_found": Rule(404, "not_found"),
+    "mask_not_found": Rule(404, "not_found"),
     "method_not_allowed": Rule(405, "bad_input"),
     "request_timeout": Rule(408, "read_timeout"),
     "body_too_large": Rule(413, "too_large"),
@@ -76,6 +77,8 @@ ERRORS: dict[type[Exception], str] = {
     state.NotReady: "not_ready",
     state.MasksTooLarge: "response_too_large",
     state.ClientGone: "client_gone",
+    overlay.MaskNotFound: "mask_not_found",
+    overlay.OverlayError: "invalid_parameter",
 }
 
 FASTAPI_DEFAULTS = (http_exception_handler, request_validation_exception_handler)  # the handlers we replace

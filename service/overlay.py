@@ -20,17 +20,21 @@ import binascii
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from io import BytesIO
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 COLORMAPS = ("turbo", "viridis", "inferno", "gray")
 DEFAULT_COLORMAP = "turbo"
 
 
 class OverlayError(ValueError):
-    """An overlay that cannot be drawn from what was asked (unknown module or image, bad box, alpha, colours)."""
+    """An overlay that cannot be drawn from what was asked (bad box, alpha, colour map...)."""
+
+
+class MaskNotFound(OverlayError):
+    """The record has no such mask: no such image, no masks kept, no such module, or a mask it cannot read."""
 
 
 @lru_cache(maxsize=len(COLORMAPS))
@@ -109,34 +113,53 @@ def overlay_png(image: Image.Image, mask: np.ndarray, *, text: Mapping[str, str]
     return buf.getvalue()
 
 
-def record_mask(record: Mapping[str, Any], image: int, module: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """One module's mask for image ``image`` of an audit record, and that image's entry (sizes, ``input_box``)."""
+class StoredMask(NamedTuple):
+    """One module's mask of one image of an audit record, with that image's entry (sizes, ``input_box``)."""
+
+    module: str
+    mask: np.ndarray
+    entry: Mapping[str, Any]
+
+
+def record_mask(record: Mapping[str, Any], image: int, module: str | None) -> StoredMask:
+    """Module ``module``'s mask (``None``: the last, deepest module) for image ``image`` of an audit record."""
     images = record.get("images") or []
     if not 0 <= image < len(images):
-        raise OverlayError(f"image must be between 0 and {len(images) - 1}, got {image}")
+        raise MaskNotFound(f"image must be between 0 and {len(images) - 1}, got {image}")
     entry = images[image]
     entries = entry.get("attention") or []
     if not entries:
-        raise OverlayError(f"prediction {record.get('id')} kept no attention masks (predict with attention=true)")
+        raise MaskNotFound(f"prediction {record.get('id')} kept no attention masks (predict with attention=true)")
+    module = entries[-1].get("module") if module is None else module
     found = next((e for e in entries if e.get("module") == module), None)
     if found is None:
         names = ", ".join(e.get("module", "?") for e in entries)
-        raise OverlayError(f"no attention module {module!r} in this prediction; modules: {names}")
+        raise MaskNotFound(f"no attention module {module!r} in this prediction; modules: {names}")
     try:
         with Image.open(BytesIO(base64.b64decode(found["png"], validate=True))) as png:
             mask = np.asarray(png.convert("L"))
     except (KeyError, binascii.Error, UnidentifiedImageError, OSError) as exc:
-        raise OverlayError(f"the stored mask of module {module!r} is not a readable PNG") from exc
-    return mask, entry
+        raise MaskNotFound(f"the stored mask of module {module!r} is not a readable PNG") from exc
+    return StoredMask(module, mask, entry)
 
 
-def record_overlay_png(record: Mapping[str, Any], kept_input: Image.Image, *, image: int, module: str,
+def open_kept_input(data: bytes) -> Image.Image:
+    """A kept input's bytes (a thumbnail, or what the client sent) as an image the right way up."""
+    try:
+        with Image.open(BytesIO(data)) as img:
+            return ImageOps.exif_transpose(img)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise OverlayError("the kept input image cannot be read") from exc
+
+
+def record_overlay_png(record: Mapping[str, Any], kept_input: Image.Image, *, image: int, module: str | None,
                        alpha: float = 0.5, colormap: str = DEFAULT_COLORMAP, stretch: bool = False) -> bytes:
-    """The overlay of one module of one image of an audit record over that image's kept input, as PNG bytes."""
-    mask, entry = record_mask(record, image, module)
-    width, height = entry.get("width"), entry.get("height")
+    """The overlay of one module (``None``: the last) of one image of an audit record over that image's kept
+    input, as PNG bytes."""
+    stored = record_mask(record, image, module)
+    width, height = stored.entry.get("width"), stored.entry.get("height")
     original = (int(width), int(height)) if width and height else None
-    text = {"prediction": str(record.get("id", "")), "image": str(image), "module": module,
+    text = {"prediction": str(record.get("id", "")), "image": str(image), "module": stored.module,
             "colormap": colormap, "alpha": f"{alpha:g}"}
-    return overlay_png(kept_input, mask, text=text, input_box=entry.get("input_box"), original_size=original,
-                       alpha=alpha, colormap=colormap, stretch=stretch)
+    return overlay_png(kept_input, stored.mask, text=text, input_box=stored.entry.get("input_box"),
+                       original_size=original, alpha=alpha, colormap=colormap, stretch=stretch)

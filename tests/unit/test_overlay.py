@@ -12,10 +12,13 @@ from PIL import Image
 from service.codec import png_base64
 from service.overlay import (
     COLORMAPS,
+    MaskNotFound,
     OverlayError,
     box_in_image,
     colormap_table,
+    open_kept_input,
     overlay_png,
+    record_mask,
     record_overlay_png,
     render_overlay,
     stretch_contrast,
@@ -147,15 +150,35 @@ def test_record_overlay_picks_the_module_and_uses_the_records_box():
     assert not np.array_equal(pixels[:, 16:32], original[:, 16:32])
 
 
+def test_without_a_module_name_the_last_module_is_drawn():
+    stored = record_mask(record(), 0, None)
+    assert stored.module == "layer2.0.cbam" and stored.mask.shape == (4, 4) and (stored.mask == 30).all()
+    with Image.open(BytesIO(record_overlay_png(record(), photo(48, 32), image=0, module=None))) as png:
+        assert png.text["module"] == "layer2.0.cbam"
+
+
 def test_record_overlay_refuses_what_the_record_does_not_have():
     image = photo(48, 32)
-    with pytest.raises(OverlayError, match="modules: layer1.0.cbam, layer2.0.cbam"):
+    with pytest.raises(MaskNotFound, match="modules: layer1.0.cbam, layer2.0.cbam"):
         record_overlay_png(record(), image, image=0, module="bam9")
-    with pytest.raises(OverlayError, match="between 0 and 0"):
+    with pytest.raises(MaskNotFound, match="between 0 and 0"):
         record_overlay_png(record(), image, image=1, module="layer1.0.cbam")
-    with pytest.raises(OverlayError, match="attention=true"):
+    with pytest.raises(MaskNotFound, match="attention=true"):
         record_overlay_png({"id": "x", "images": [{"width": 4, "height": 4}]}, image, image=0, module="m")
     broken = record()
     broken["images"][0]["attention"][0]["png"] = base64.b64encode(b"not a png").decode()
-    with pytest.raises(OverlayError, match="not a readable PNG"):
+    with pytest.raises(MaskNotFound, match="not a readable PNG"):
         record_overlay_png(broken, image, image=0, module="layer1.0.cbam")
+
+
+def test_a_kept_original_is_turned_the_way_the_model_saw_it():
+    upright = photo(60, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6   # orientation: the stored pixels must be turned 90 degrees clockwise to display
+    buf = BytesIO()
+    upright.transpose(Image.Transpose.ROTATE_90).save(buf, format="JPEG", exif=exif, quality=95)
+    opened = open_kept_input(buf.getvalue())
+    assert opened.size == (60, 40)
+    assert np.abs(np.asarray(opened.convert("RGB")).astype(int) - np.asarray(upright).astype(int)).mean() < 4
+    with pytest.raises(OverlayError, match="cannot be read"):
+        open_kept_input(b"not an image")
