@@ -1,8 +1,8 @@
 """Inference-time rewrite that keeps the outputs: fold every BatchNorm into the convolution (or linear) before it.
 
 In eval mode BN is a fixed per-channel affine map, so ``BN(conv(x)) = conv'(x)`` with rescaled weights and a
-bias (``torch.nn.utils.fusion``). Folding removes one full read and write of each feature map: on 2 CPU cores
-it makes a CBAM-ResNet18 at 224² 9–12 % faster (docs/benchmarks.md), with outputs equal to float rounding.
+bias (``torch.nn.utils.fusion``). Folding removes one full read and write of each feature map, so the model runs
+faster (measured in docs/benchmarks.md), with outputs equal up to float rounding.
 The folded model is for inference only: its BNs become ``Identity``, so it no longer trains or saves as a
 Macula checkpoint.
 

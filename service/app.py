@@ -55,8 +55,8 @@ class RequestMetrics:
 
 
 class DrainGuard:
-    """Pure ASGI middleware: once :attr:`Service.drain_expired` is set, a request that has not started its answer
-    is stopped and answered JSON 503 ``not_ready`` while the server can still send it."""
+    """Pure ASGI middleware: once the drain runs out (:meth:`Service.drain_deadline`), a request that has not started
+    its answer is stopped and answered JSON 503 ``not_ready`` while the server can still send it."""
 
     def __init__(self, app: ASGIApp, service: Service, respond) -> None:
         self.app, self.service, self.respond = app, service, respond
@@ -73,13 +73,12 @@ class DrainGuard:
             await send(message)
 
         handling = asyncio.ensure_future(self.app(scope, receive, tracking_send))
-        expiry = asyncio.ensure_future(self.service.drain_expired.wait())
-        try:
-            await asyncio.wait({handling, expiry}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            expiry.cancel()
-            if not handling.done() and not started:
-                handling.cancel()
+        with self.service.drain_deadline() as expiry:
+            try:
+                await asyncio.wait({handling, expiry}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not handling.done() and not started:
+                    handling.cancel()
         if handling.done() and not handling.cancelled():
             handling.result()
             return
@@ -117,8 +116,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     docs.install(app)
     secured = [Depends(require_api_key)]
-    for router in (models.router, predict.router, audit.router, torchserve.router):
-        app.include_router(router, dependencies=secured)
+    for router in (models.router, predict.router, torchserve.router):
+        app.include_router(router, dependencies=secured, responses=errors.responses(401, 422))
+    app.include_router(audit.router, dependencies=secured, responses=errors.responses(400, 401, 404, 422, 503))
     audit_page.install(app)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s)
     handler = errors.install(app, metrics)

@@ -36,7 +36,8 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 ALLOWED_CONTENT_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG", "image/webp": "WEBP"}
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}  # Pillow's storage; else 4
-STRIP_PIXELS = 1 << 20  # pixels per strip when narrowing 16-bit images (8 MB of int64 at a time)
+STRIP_PIXELS = 1 << 20  # pixels per strip when narrowing 16-bit images
+SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # == round(v / 257)
 DRAFT_MARGIN = 4
 
 
@@ -139,48 +140,63 @@ def _draft_for(img: Image.Image, pre: Preprocessing) -> None:
 
 @dataclass
 class Opened:
-    """An image whose header was read (nothing decoded yet): its original size after EXIF orientation, and the
-    bytes decoding it is estimated to hold at its peak."""
+    """An image whose header was read (nothing decoded yet): its original size after EXIF orientation (known
+    after decoding only for a PNG whose EXIF follows the pixels), and the bytes decoding it will hold at its peak."""
 
     img: Image.Image
     width: int
     height: int
     cost: int
+    orientation_known: bool = True
+
+
+def _header_orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation if the header has it; None where reading it would decode the image (Pillow looks for
+    a PNG's eXIf chunk after the pixel data by decoding them all)."""
+    if img.format == "PNG" and "exif" not in img.info:
+        return None
+    return img.getexif().get(0x0112, 1)
 
 
 def probe(data: bytes, *, max_pixels: int, pre: Preprocessing) -> Opened:
-    """Open ``data`` (header only) and estimate the bytes decoding it will hold at its peak: the decoded image,
-    one more full-size copy (EXIF rotation or a mode conversion) and the converted result. After a JPEG draft."""
+    """Open ``data`` (header only: nothing is decoded) and estimate the bytes decoding it will hold at its peak
+    (after a JPEG draft, see :func:`_decode_cost`)."""
     img = open_image(data, max_pixels=max_pixels)
     try:
-        orientation = img.getexif().get(0x0112, 1)
-        width, height = (img.height, img.width) if orientation in (5, 6, 7, 8) else (img.width, img.height)
+        orientation = _header_orientation(img)
+        swaps = orientation in (5, 6, 7, 8)
+        width, height = (img.height, img.width) if swaps else (img.width, img.height)
         _draft_for(img, pre)
     except Exception as exc:  # noqa: BLE001
         raise UndecodableImage(f"cannot read image header: {type(exc).__name__}") from None
-    return Opened(img, width, height, _decode_cost(img, pre.color, rotates=orientation in range(2, 9)))
+    cost = _decode_cost(img, pre.color, rotates=orientation in range(2, 9))
+    return Opened(img, width, height, cost, orientation_known=orientation is not None)
 
 
 def _decode_cost(img: Image.Image, color: str, *, rotates: bool) -> int:
     """Peak bytes of decoding ``img``: Pillow's decoded image, a rotated copy when EXIF asks for one, the 8-bit
-    image a 16-bit one is narrowed to, the converted image when the mode is not ``color``."""
+    image a 16-bit one is narrowed to (with one strip), the converted image when the mode is not ``color``."""
     pixels, decoded = img.width * img.height, BYTES_PER_PIXEL.get(img.mode, 4)
     cost = pixels * decoded * (2 if rotates else 1)
-    if img.mode in SIXTEEN_BIT_MODES:
-        cost += pixels + STRIP_PIXELS * 8
-    if img.mode != color:
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES:
+        cost, mode = cost + pixels + STRIP_PIXELS * 8, "L"
+    if mode != color:
         cost += pixels * (1 if color == "L" else 4)
     return cost
 
 
 def _sixteen_to_eight_bits(img: Image.Image) -> Image.Image:
-    """16/32-bit greyscale → 8 bits as round(v / 257) clipped to 0..255, a strip of rows at a time, so no full-size
-    wide copy is ever made (a 39 MP 16-bit image holds 78 MB; one float64 copy of it would be 312 MB)."""
+    """16/32-bit greyscale → 8 bits as round(v / 257) clipped to 0..255, through a lookup table a strip of rows at
+    a time, so no full-size wide copy is ever made (a 39 MP 16-bit image holds 78 MB; one float64 copy of it would
+    be 312 MB)."""
     out = np.empty((img.height, img.width), np.uint8)
     rows = max(1, STRIP_PIXELS // img.width)
     for top in range(0, img.height, rows):
-        strip = np.asarray(img.crop((0, top, img.width, min(top + rows, img.height))), dtype=np.int64)
-        out[top:top + rows] = np.clip((strip + 128) // 257, 0, 255)  # == round(v / 257): v + 128.5 never hits .5
+        strip = np.asarray(img.crop((0, top, img.width, min(top + rows, img.height))))
+        if strip.dtype != np.uint16:  # mode I: 32-bit; anything above 65535 maps to 255 anyway
+            strip = np.clip(strip, 0, 65535).astype(np.uint16)
+        out[top:top + rows] = SIXTEEN_TO_EIGHT[strip]
     return Image.fromarray(out, mode="L")
 
 
@@ -198,7 +214,7 @@ def decode_opened(opened: Opened, pre: Preprocessing) -> Image.Image:
     try:
         img = opened.img
         img.load()
-        img = ImageOps.exif_transpose(img) or img
+        ImageOps.exif_transpose(img, in_place=True)  # without in_place it returns a full-size copy, always
         return canonical_mode(img, pre.color)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"image too large: {exc}") from None
@@ -209,7 +225,8 @@ def decode_opened(opened: Opened, pre: Preprocessing) -> Image.Image:
 def decode(data: bytes, *, max_pixels: int, pre: Preprocessing) -> tuple[Image.Image, tuple[int, int]]:
     """Decode to a PIL image in ``pre.color``; returns it and the original (w, h) after EXIF orientation."""
     opened = probe(data, max_pixels=max_pixels, pre=pre)
-    return decode_opened(opened, pre), (opened.width, opened.height)
+    img = decode_opened(opened, pre)
+    return img, (opened.width, opened.height) if opened.orientation_known else img.size
 
 
 def _resize_size(w: int, h: int, pre: Preprocessing) -> tuple[int, int]:
@@ -277,8 +294,9 @@ def preprocess(data: bytes, *, max_pixels: int, pre: Preprocessing) -> DecodedIm
 
 def finish(opened: Opened, data: bytes, pre: Preprocessing) -> DecodedImage:
     """Decode an image :func:`probe` opened and make the model's pixels from it."""
-    pixels = to_pixels(decode_opened(opened, pre), pre)
-    return DecodedImage(pixels, opened.width, opened.height, hashlib.sha256(data).hexdigest(), len(data))
+    img = decode_opened(opened, pre)
+    width, height = (opened.width, opened.height) if opened.orientation_known else img.size  # PNG: never drafted
+    return DecodedImage(to_pixels(img, pre), width, height, hashlib.sha256(data).hexdigest(), len(data))
 
 
 def png_base64(mask: np.ndarray) -> str:

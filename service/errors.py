@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import batching, codec, inputs, limits, overlay, state
@@ -144,7 +145,21 @@ class ErrorHandler:
         return error_response(code, detail, headers)
 
     async def __call__(self, request: Request, exc: Exception) -> JSONResponse:
-        return self.respond(exc)
+        response = self.respond(exc)
+        if response.status_code == 405:  # Starlette names one route's methods; a path may have several routes
+            methods = allowed_methods(request)
+            if methods:
+                response.headers["Allow"] = ", ".join(methods)
+        return response
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the OpenAPI schema lists for this request's path."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(request.url.path):
+            methods.update(method.upper() for method in operations)
+    return sorted(methods)
 
 
 class LastResort:

@@ -22,7 +22,7 @@ from starlette.requests import Request
 
 from .codec import ALLOWED_CONTENT_TYPES
 
-JSON_MAX_DEPTH = 8  # {"images": [...]} needs 2; room for a few unrelated fields
+JSON_MAX_DEPTH = 8  # {"images": [...]} needs 2; room for a few unrelated fields (MACULA_JSON_MAX_DEPTH)
 
 
 class MalformedRequest(Exception):
@@ -43,7 +43,7 @@ def _media_type(request: Request) -> str:
 
 
 async def read_images(request: Request, *, field: str, max_images: int, max_bytes: int,
-                      sniff_untyped: bool = False) -> list[bytes]:
+                      max_depth: int = JSON_MAX_DEPTH, sniff_untyped: bool = False) -> list[bytes]:
     """The request's images in order.
 
     ``sniff_untyped``: a body without Content-Type (or ``application/octet-stream``) is taken as one image whose
@@ -54,7 +54,7 @@ async def read_images(request: Request, *, field: str, max_images: int, max_byte
         blobs = await _multipart(request, field, max_images, max_bytes)
     elif media == "application/json":
         body = await request.body()
-        blobs = await asyncio.to_thread(json_images, body, max_images=max_images)
+        blobs = await asyncio.to_thread(json_images, body, max_images=max_images, max_depth=max_depth)
     elif media in ALLOWED_CONTENT_TYPES or (sniff_untyped and media in ("", "application/octet-stream")):
         blobs = [await request.body()]
     elif media.startswith("image/"):

@@ -5,10 +5,11 @@ format → audit). Routes only parse requests and format answers; nothing here k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -84,7 +85,8 @@ class Service:
                                 on_failure=metrics.audit_failed)
         self.ready = False
         self.draining = False
-        self.drain_expired = asyncio.Event()  # set shortly before the drain timeout: answer everything now
+        self.drain_expired = False  # True shortly before the drain timeout: answer everything now
+        self._drain_waiters: set[asyncio.Future] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -138,7 +140,25 @@ class Service:
         timeout = self.settings.drain_timeout_s
         answer_by = max(0.0, timeout - min(1.0, timeout / 4))  # leave the server time to send those answers
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._loop.call_later, answer_by, self.drain_expired.set)
+            self._loop.call_soon_threadsafe(self._loop.call_later, answer_by, self._expire_drain)
+
+    def _expire_drain(self) -> None:
+        self.drain_expired = True
+        for waiter in list(self._drain_waiters):
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits there any more
+                waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+
+    @contextlib.contextmanager
+    def drain_deadline(self) -> Iterator[asyncio.Future]:
+        """A future on the running loop that resolves when the drain runs out (at once if it has)."""
+        waiter = asyncio.get_running_loop().create_future()
+        if self.drain_expired:
+            waiter.set_result(None)
+        self._drain_waiters.add(waiter)
+        try:
+            yield waiter
+        finally:
+            self._drain_waiters.discard(waiter)
 
     async def stop(self) -> None:
         self.begin_drain()
@@ -282,6 +302,11 @@ async def _first_of(work: asyncio.Future, until_gone: Callable[[], Awaitable[Any
     if work not in done:
         raise ClientGone()
     return work.result()
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _consume(future: asyncio.Future) -> None:

@@ -14,13 +14,14 @@ from ..state import InvalidParameter, ServiceDep, wait_disconnect
 
 PARAMETERS = ("top_k", "attention", "attention_size")
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/webp": {"schema": {"type": "string", "format": "binary"}},
     "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-        "images": {"type": "array", "items": {"type": "string", "description": "base64 or data: URI"}}}}},
+        "images": {"type": "array", "minItems": 1,
+                   "items": {"type": "string", "description": "base64 or data: URI"}}}}},
 }}}
 PREDICT_ERRORS = responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
@@ -54,7 +55,7 @@ async def _predict(request: Request, service: ServiceDep, name: str | None, *, t
     service.check_accepting()
     service.runner(name)  # 404 before the body is read
     blobs = await read_images(request, field="file", max_images=settings.max_images_per_request,
-                              max_bytes=settings.max_body_bytes)
+                              max_bytes=settings.max_body_bytes, max_depth=settings.json_max_depth)
     done = await service.predict(name, blobs, route=route, top_k=top_k, attention=attention,
                                  original_size=attention_size == "original",
                                  until_gone=partial(wait_disconnect, request))

@@ -21,8 +21,8 @@ from ..state import Prediction, ServiceDep, wait_disconnect
 router = APIRouter(tags=["torchserve"])
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-    "multipart/form-data": {"schema": {"type": "object", "properties": {
-        "data": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
 }}}
 ERRORS = responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
@@ -32,7 +32,7 @@ async def _predict(request: Request, service: ServiceDep, name: str, *, attentio
     service.check_accepting()
     service.runner(name)  # 404 before the body is read
     blobs = await read_images(request, field="data", max_images=settings.max_images_per_request,
-                              max_bytes=settings.max_body_bytes, sniff_untyped=True)
+                              max_bytes=settings.max_body_bytes, max_depth=settings.json_max_depth, sniff_untyped=True)
     return await service.predict(name, blobs, route=route, attention=attention,
                                  until_gone=partial(wait_disconnect, request))
 

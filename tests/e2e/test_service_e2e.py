@@ -137,3 +137,71 @@ def test_sigterm_answers_every_accepted_request_then_exits(tmp_path):
     assert returncode in (0, -signal.SIGTERM), (tmp_path / "service.log").read_text()[-3000:]
     with sqlite3.connect(tmp_path / "audit.db") as db:
         assert db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == requests
+
+
+def sixteen_bit_png(width: int = 7200, height: int = 5400) -> bytes:
+    """A 39 MP 16-bit greyscale PNG (a horizontal ramp, so ~90 KB compressed)."""
+    ramp = (np.arange(width, dtype=np.uint32) * 65535 // (width - 1)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.broadcast_to(ramp, (height, width)))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set size so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+def test_eight_39_megapixel_16_bit_pngs_decode_within_the_memory_budget_and_share_the_pool(tmp_path):
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    make_checkpoint(model_dir / "gray.safetensors", size=48)
+    big = sixteen_bit_png()
+    small = png(np.full((40, 40), 128, np.uint8))
+    with service_process(model_dir, tmp_path, "--decode-threads", "2", "--request-timeout-s", "600") as (process, base):
+        before = peak_rss_bytes(process.pid)
+        finished: list[str] = []
+
+        def post(name: str, files: list) -> httpx.Response:
+            resp = httpx.post(f"{base}/v1/predict", files=files, timeout=600)
+            finished.append(name)
+            return resp
+
+        with ThreadPoolExecutor(2) as pool:
+            heavy = pool.submit(post, "heavy", [("file", (f"{i}.png", big, "image/png")) for i in range(8)])
+            time.sleep(0.5)  # let the heavy request start decoding; the order below holds either way
+            light = pool.submit(post, "light", [("file", ("small.png", small, "image/png"))])
+            heavy_resp, light_resp = heavy.result(), light.result()
+        growth = peak_rss_bytes(process.pid) - before
+    assert heavy_resp.status_code == 200 and len(heavy_resp.json()["predictions"]) == 8, heavy_resp.text[:500]
+    assert light_resp.status_code == 200
+    assert finished == ["light", "heavy"], "a one-image request waited for all eight large decodes"
+    assert growth < 600 * 2**20, f"peak RSS grew by {growth / 2**20:.0f} MiB decoding 8 x 39 MP 16-bit PNGs"
+
+
+def test_sigterm_answers_requests_still_decoding_with_json_503_never_plain_500(tmp_path):
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    make_checkpoint(model_dir / "gray.safetensors", size=48)
+    files = [("file", (f"{i}.png", sixteen_bit_png(), "image/png")) for i in range(4)]
+    with service_process(model_dir, tmp_path, "--decode-threads", "1", "--drain-timeout-s", "2",
+                         "--request-timeout-s", "600") as (process, base):
+        with ThreadPoolExecutor(3) as pool:
+            answers = [pool.submit(httpx.post, f"{base}/v1/predict", files=files, timeout=120) for _ in range(3)]
+            deadline = time.monotonic() + 30
+            while scrape(base).get("macula_inflight_requests", 0) - 1 < 3:  # all three accepted (minus the scrape)
+                assert time.monotonic() < deadline, "the requests were not all accepted"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            responses = [a.result() for a in answers]
+        returncode = process.wait(60)
+    log = (tmp_path / "service.log").read_text()
+    for resp in responses:
+        assert resp.headers["content-type"] == "application/json", (resp.status_code, resp.text[:200])
+        assert resp.status_code == 200 or (resp.status_code, resp.json()["code"]) == (503, "not_ready"), resp.text
+    assert any(resp.status_code == 503 for resp in responses), "nothing was still decoding: the test proved nothing"
+    assert returncode in (0, -signal.SIGTERM), log[-3000:]
+    assert "Traceback" not in log, log[-3000:]

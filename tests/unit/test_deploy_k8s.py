@@ -64,6 +64,12 @@ def test_probes_use_readyz_and_healthz_on_the_container_port(container):
     assert env_of(container)["MACULA_HOST"] == "0.0.0.0"
 
 
+def test_every_probe_has_an_explicit_timeout_shorter_than_its_period(container):
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        timeout = container[probe].get("timeoutSeconds")
+        assert timeout is not None and 2 <= timeout < container[probe]["periodSeconds"], probe
+
+
 def test_grace_period_outlasts_prestop_pause_plus_drain(pod, container):
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"

@@ -217,3 +217,30 @@ def test_same_top1_as_the_eval_transform_on_real_photos(rgb_checkpoint, name):
             logits = model(torch.stack([ours, theirs]))
         assert logits[0].argmax() == logits[1].argmax()
         assert (logits[0].softmax(0) - logits[1].softmax(0)).abs().max() < 0.02
+
+
+def test_sixteen_bit_narrowing_is_round_v_over_257_strip_by_strip(monkeypatch):
+    import service.codec as codec
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 65536, (37, 23), dtype=np.uint16)
+    monkeypatch.setattr(codec, "STRIP_PIXELS", 50)  # two rows a strip: every strip boundary is exercised
+    got = np.asarray(codec.canonical_mode(Image.fromarray(values), "L"))
+    np.testing.assert_array_equal(got, np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8))
+    wide = Image.fromarray(np.array([[-5, 0, 128, 129, 65535, 70000, 2**30]], dtype=np.int32), mode="I")
+    np.testing.assert_array_equal(np.asarray(codec.canonical_mode(wide, "L")), [[0, 0, 0, 1, 255, 255, 255]])
+
+
+def test_probe_reads_headers_only_and_still_reports_the_oriented_size():
+    from service.codec import finish, probe
+
+    plain = encode(Image.new("L", (60, 40)))
+    opened = probe(plain, max_pixels=LIMIT, pre=GRAY_PRE)
+    assert opened.img.tile, "probe decoded the pixels (Pillow looks for a PNG's EXIF after them)"
+    assert finish(opened, plain, GRAY_PRE).width == 60
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: the original is 40 wide, 60 high once oriented
+    for fmt in ("PNG", "JPEG"):
+        rotated = encode(Image.new("L", (60, 40)), fmt, exif=exif)
+        done = finish(probe(rotated, max_pixels=LIMIT, pre=GRAY_PRE), rotated, GRAY_PRE)
+        assert (done.width, done.height) == (40, 60), fmt

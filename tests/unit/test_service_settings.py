@@ -58,3 +58,19 @@ def test_bad_flag_values_are_a_usage_error(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "max_queue" in err and "port" in err
+
+
+def test_docs_list_every_limit_and_every_error_code():
+    from service.errors import CODES
+
+    api = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    limits = api[api.index("### Limits"):api.index("## Audit")]
+    errors = api[api.index("## Errors"):api.index("## Batching")]
+    for name in Settings.model_fields:
+        limit = name.startswith("max_") or name.endswith("_timeout_s") or name in ("decode_memory_bytes",
+                                                                                    "json_max_depth")
+        if limit and not name.startswith("max_batch"):  # batch size and delay shape batches; they refuse nothing
+            assert f"`MACULA_{name.upper()}`" in limits, name
+    for code, rule in CODES.items():
+        if code != "client_gone":
+            assert f"| {rule.status} | `{code}` |" in errors, code
