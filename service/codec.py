@@ -113,7 +113,7 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
         img = Image.open(BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         fmt = _sniffed_format(data)
-        if fmt is not None:
+        if fmt is not None and fmt not in ALLOWED_FORMATS:  # a broken PNG is undecodable, not unsupported
             raise UnsupportedFormat(f"image format {fmt} is not accepted; send JPEG, PNG or WebP") from None
         raise UndecodableImage("not a recognisable image (expected JPEG, PNG or WebP)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

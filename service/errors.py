@@ -24,7 +24,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import batching, codec, inputs, limits, overlay, state
-from .metrics import REJECTION_REASONS, Metrics
+from .metrics import Metrics
 
 log = logging.getLogger("service")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "client went away before the answer": logged, never sent
@@ -85,8 +85,6 @@ ERRORS: dict[type[Exception], str] = {
 FASTAPI_DEFAULTS = (http_exception_handler, request_validation_exception_handler)  # the handlers we replace
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
                415: "unsupported_media_type", 422: "invalid_parameter"}
-assert {rule.reason for rule in CODES.values()} - {None} <= REJECTION_REASONS
-assert set(ERRORS.values()) <= set(CODES)
 
 
 class ServiceError(Exception):
@@ -120,11 +118,10 @@ def classify(exc: BaseException) -> tuple[str, str, dict[str, str] | None]:
     if isinstance(exc, RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
         return "invalid_parameter", problems or "invalid parameter", None
-    if isinstance(exc, StarletteHTTPException):
-        code = _HTTP_CODES.get(exc.status_code)
-        if code is not None:
-            detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-            return code, detail, getattr(exc, "headers", None)
+    if isinstance(exc, StarletteHTTPException) and exc.status_code < 500:  # any other 4xx of the framework: 400
+        code = _HTTP_CODES.get(exc.status_code, "bad_request")
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return code, detail, getattr(exc, "headers", None)
     for cls in type(exc).__mro__:
         if cls in ERRORS:
             return ERRORS[cls], str(exc), None
@@ -137,12 +134,16 @@ class ErrorHandler:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def respond(self, exc: BaseException) -> JSONResponse:
+    def count(self, exc: BaseException) -> tuple[str, str, dict[str, str] | None]:
+        """Count ``exc`` as a rejection if a client caused it; returns its (code, detail, headers)."""
         code, detail, headers = classify(exc)
         reason = CODES[code].reason
         if reason is not None:
             self.metrics.reject(reason)
-        return error_response(code, detail, headers)
+        return code, detail, headers
+
+    def respond(self, exc: BaseException) -> JSONResponse:
+        return error_response(*self.count(exc))
 
     async def __call__(self, request: Request, exc: Exception) -> JSONResponse:
         response = self.respond(exc)

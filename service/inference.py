@@ -68,6 +68,7 @@ class ModelRunner:
         self.model = prepare_for_serving(model, self.device, self.amp_dtype, memory_format=self.memory_format)
         self.has_attention = bool(self.meta.arch.get("attention"))
         self.attention_modules: list[str] = []  # the attention maps' module names, known after the first forward
+        self.attention_sizes: dict[str, tuple[int, int]] = {}  # their (h, w) at the model's input size, known then too
         pre = self.meta.preprocessing  # (x / 255 - mean) / std  ==  (x - 255 mean) / (255 std)
         self.pixel_mean = torch.tensor(pre.mean, device=self.device).mul(255).view(1, -1, 1, 1)
         self.pixel_std = torch.tensor(pre.std, device=self.device).mul(255).view(1, -1, 1, 1)
@@ -110,6 +111,7 @@ class ModelRunner:
             else:
                 logits, maps = self.model(x), {}
         if maps and not self.attention_modules:
+            self.attention_sizes = {name: tuple(m.spatial.shape[-2:]) for name, m in maps.items()}
             self.attention_modules = list(maps)
         scores = logits.float().softmax(dim=1).cpu().numpy()
         masks = {name: (m.spatial.float() * 255).round().clamp(0, 255).to(torch.uint8)[:, 0].cpu().numpy()

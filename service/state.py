@@ -255,8 +255,16 @@ class Service:
         return images, list(results)
 
     async def _decode_all(self, runner: ModelRunner, blobs: Sequence[bytes]) -> list[DecodedImage]:
+        """Every image decoded, in order; the first failure (or a cancellation) stops the others' decoding."""
         share = self.decode_pool.share()
-        return list(await asyncio.gather(*(self._decode(runner, share, blob) for blob in blobs)))
+        tasks = [asyncio.ensure_future(self._decode(runner, share, blob)) for blob in blobs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                    task.add_done_callback(_consume)
 
     async def _decode(self, runner: ModelRunner, share: Share, data: bytes) -> DecodedImage:
         """Read the header (cheap), then decode in the request's turn and memory budget."""
@@ -265,10 +273,9 @@ class Service:
         if opened.cost > share.budget:
             raise ImageTooLarge(f"decoding this {opened.width}x{opened.height} image would take about "
                                 f"{opened.cost >> 20} MiB; the limit is {share.budget >> 20} MiB per request")
-        start = time.perf_counter()
-        decoded = await self.decode_pool.run(share, finish, opened, data, runner.meta.preprocessing,
-                                             cost=opened.cost)
-        self.metrics.observe_preprocess(runner.name, time.perf_counter() - start)
+        decoded, seconds = await self.decode_pool.run(share, _timed_finish, opened, data, runner.meta.preprocessing,
+                                                      cost=opened.cost)
+        self.metrics.observe_preprocess(runner.name, seconds)
         return decoded
 
     def _check_mask_budget(self, runner: ModelRunner, images: list[DecodedImage]) -> None:
@@ -285,6 +292,13 @@ class Service:
 
 def _probe(data: bytes, max_pixels: int, pre: Any) -> Any:
     return probe(data, max_pixels=max_pixels, pre=pre)
+
+
+def _timed_finish(opened: Any, data: bytes, pre: Any) -> tuple[DecodedImage, float]:
+    """Decode + preprocess one image on a pool thread; the time excludes waiting for the thread."""
+    start = time.perf_counter()
+    decoded = finish(opened, data, pre)
+    return decoded, time.perf_counter() - start
 
 
 async def _first_of(work: asyncio.Future, until_gone: Callable[[], Awaitable[Any]] | None) -> Any:

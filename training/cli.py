@@ -15,10 +15,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from models import CheckpointError
+from models import CheckpointError, list_models
 
 from . import distributed
-from .config import ConfigError, TrainConfig
+from .config import AUGMENTS, RESIZE_MODES, ConfigError, TrainConfig
 from .data import DATASET_NAMES, DatasetError
 from .pretrained import InitFromError
 from .trainer import Trainer, load_last
@@ -26,12 +26,23 @@ from .trainer import Trainer, load_last
 USER_ERRORS = (DatasetError, InitFromError, CheckpointError, ConfigError, FileNotFoundError)
 
 
+def normalisation(text: str) -> tuple[float, ...] | str:
+    """``auto`` or comma-separated numbers, one per channel (``0.5`` or ``0.485,0.456,0.406``)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or comma-separated numbers, got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0],
                                 argument_default=argparse.SUPPRESS,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--arch", help=f"network (models.list_models()); default {d.arch}")
+    p.add_argument("--arch", choices=list_models(), metavar="NAME",
+                   help=f"network: {', '.join(list_models())}; default {d.arch}")
     p.add_argument("--attention", type=lambda s: None if s.lower() == "none" else s,
                    help=f"none, bam or cbam; default {d.attention}")
     p.add_argument("--bam-variant", choices=["paper", "official"], help="BAM channel-gate layout")
@@ -51,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     opt.add_argument("--init-from", metavar="torchvision:PATH", help="start the backbone from a torchvision "
                      "ResNet state dict file")
     opt.add_argument("--backbone-lr-scale", type=float, help="lr multiplier for tensors loaded by --init-from")
+    opt.add_argument("--patience", type=int, metavar="EPOCHS",
+                     help="stop after this many epochs without a better validation accuracy; default off")
     speed = p.add_argument_group("speed and reproducibility")
     speed.add_argument("--amp", choices=["none", "fp16", "bf16"], help="mixed precision; default none")
     speed.add_argument("--channels-last", action="store_true", help="NHWC memory format")
@@ -62,7 +75,16 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     data.add_argument("--limit-train", type=int, help="use only this many training images (tiny runs)")
     data.add_argument("--limit-val", type=int, help="use only this many validation/test images")
-    data.add_argument("--image-size", type=int, help=f"imagefolder crop size; default {d.image_size}")
+    data.add_argument("--image-size", type=int, help=f"imagefolder input size; default {d.image_size}")
+    data.add_argument("--resize-mode", choices=RESIZE_MODES,
+                      help="imagefolder: center_crop (shorter side to size x 256/224, centre crop; default) or "
+                           "stretch (the whole image, squeezed to size x size)")
+    data.add_argument("--augment", choices=AUGMENTS,
+                      help="training augmentation; default standard (imagefolder, CIFAR), none (digits)")
+    data.add_argument("--mean", type=normalisation, metavar="auto|M[,M,M]",
+                      help="normalisation mean per channel, or auto (measured on the training split); "
+                           "default: the dataset's (ImageNet's for imagefolder)")
+    data.add_argument("--std", type=normalisation, metavar="auto|S[,S,S]", help="as --mean, for the std")
     data.add_argument("--canvas-size", type=int, help=f"cluttered-mnist canvas side; default {d.canvas_size}")
     data.add_argument("--clutter", type=int, help=f"cluttered-mnist fragments per canvas; default {d.clutter}")
     return p

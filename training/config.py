@@ -9,8 +9,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from models import list_models
+
 Amp = Literal["none", "fp16", "bf16"]
 Schedule = Literal["cosine", "step"]
+Normalisation = tuple[float, ...] | Literal["auto"] | None  # None: the dataset's own default
+RESIZE_MODES = ("center_crop", "stretch")
+AUGMENTS = ("none", "light", "standard", "strong")
 
 
 class ConfigError(ValueError):
@@ -52,23 +57,35 @@ class TrainConfig:
     image_size: int = 224  # imagefolder input size (crop); the other datasets have a fixed size
     canvas_size: int = 64  # cluttered-mnist
     clutter: int = 6  # cluttered-mnist: fragments per canvas
-    # outputs
+    mean: Normalisation = None  # per-channel, or "auto": computed on the training split
+    std: Normalisation = None
+    resize_mode: str | None = None  # imagefolder: center_crop (default) or stretch
+    augment: str | None = None  # none / light / standard / strong; None: the dataset's default
+    # stopping and outputs
+    patience: int | None = None  # stop after this many epochs without a better validation accuracy
     log_interval: int = 50
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["step_milestones"] = list(self.step_milestones)
+        for key in ("mean", "std"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        if "step_milestones" in d:
-            d["step_milestones"] = tuple(d["step_milestones"])
+        for key in ("step_milestones", "mean", "std"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
         return cls(**d)
 
     def validate(self) -> None:
+        """Refuse what is wrong before any data is read; dataset-specific checks come with the data."""
+        if self.arch not in list_models():
+            raise ConfigError(f"--arch: unknown network {self.arch!r}; choose from {', '.join(list_models())}")
         if self.amp not in ("none", "fp16", "bf16"):
             raise ConfigError(f"--amp must be none, fp16 or bf16, got {self.amp!r}")
         if self.schedule not in ("cosine", "step"):
@@ -80,3 +97,15 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.lr <= 0 or self.backbone_lr_scale < 0:
             raise ConfigError("--lr must be > 0 and --backbone-lr-scale >= 0")
+        if self.patience is not None and self.patience < 1:
+            raise ConfigError("--patience must be >= 1 (epochs without a better validation accuracy)")
+        if self.resize_mode not in (None, *RESIZE_MODES):
+            raise ConfigError(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.augment not in (None, *AUGMENTS):
+            raise ConfigError(f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not (value is None or value == "auto" or (isinstance(value, tuple) and value)):
+                raise ConfigError(f"--{name} must be 'auto' or comma-separated numbers, got {value!r}")
+        if isinstance(self.std, tuple) and min(self.std) <= 0:
+            raise ConfigError("--std values must be > 0")

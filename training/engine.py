@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig, backbone: set[str] | N
     """SGD; parameters named in ``backbone`` (loaded by ``--init-from``) get ``lr × backbone_lr_scale``.
 
     BatchNorm and bias parameters get no weight decay (Goyal et al. 2017 §5.1, "no bias decay").
+    Each group is named ``head`` or ``backbone`` (everything not loaded by ``--init-from`` is "head"),
+    with ``.no_decay`` for the biases and norms.
     """
     backbone = backbone or set()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -41,9 +44,18 @@ def make_optimizer(model: nn.Module, config: TrainConfig, backbone: set[str] | N
         if param.requires_grad:
             groups.setdefault((name.removeprefix("module.") in backbone, param.ndim <= 1), []).append(param)
     param_groups = [{"params": params, "lr": config.lr * (config.backbone_lr_scale if is_backbone else 1.0),
-                     "weight_decay": 0.0 if no_decay else config.weight_decay}
+                     "weight_decay": 0.0 if no_decay else config.weight_decay,
+                     "name": ("backbone" if is_backbone else "head") + (".no_decay" if no_decay else "")}
                     for (is_backbone, no_decay), params in sorted(groups.items())]
     return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The current lr of the ``head`` and (with ``--init-from``) the ``backbone`` parameters."""
+    lrs: dict[str, float] = {}
+    for group in optimizer.param_groups:  # state from before groups were named: the first group is the head's
+        lrs.setdefault(group.get("name", "head").split(".")[0], group["lr"])
+    return lrs
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str, milestones: Iterable[float]) -> float:
@@ -106,7 +118,8 @@ def progress(batches: Iterable, *, total: int, desc: str, is_main: bool, log_int
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, scheduler: LambdaLR,
                     config: TrainConfig, *, epoch: int, device: torch.device,
                     scaler: torch.amp.GradScaler | None = None, is_main: bool = True) -> dict[str, float]:
-    """One pass over ``loader``; returns this rank's ``loss``, ``acc``, ``lr`` (at the end), ``img_per_s``."""
+    """One pass over ``loader``; returns this rank's ``loss``, ``acc``, ``img_per_s``, ``seconds`` and, at the
+    end, ``lr`` (the head's) and ``lrs`` (every role's: ``head``, ``backbone``)."""
     model.train()
     loss_sum = correct = seen = 0.0
     start = time.perf_counter()
@@ -124,7 +137,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         correct += (logits.argmax(1) == targets).sum().item()
         seen += len(targets)
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "lr": optimizer.param_groups[-1]["lr"],
+    lrs = group_lrs(optimizer)
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1),
+            "lr": lrs.get("head", max(lrs.values())), "lrs": lrs,
             "img_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
 
 
@@ -146,29 +161,34 @@ def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, mode
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, config: TrainConfig, *, device: torch.device, num_classes: int,
-             is_main: bool = True, sync: bool = True) -> dict[str, float | list[float]]:
-    """Loss, top-1 ``acc``, ``top5`` and ``per_class`` accuracy over ``loader``.
+             is_main: bool = True, sync: bool = True, confusion: bool = False) -> dict[str, Any]:
+    """Loss, top-1 ``acc``, ``top5`` and ``per_class`` accuracy over ``loader``; with ``confusion``, also the
+    confusion matrix (``confusion[true][predicted]`` image counts).
 
     Under DDP with ``sync`` (each rank holding a shard), the counts are summed over ranks first.
     """
     model.eval()
     k = min(5, num_classes)
-    sums = torch.zeros(3 + 2 * num_classes, dtype=torch.float64, device=device)  # loss, top1, top5, hits, counts
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top1, top5
+    matrix = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)  # true × predicted
     for images, targets, *_ in progress(loader, total=len(loader), desc="eval", is_main=is_main,
                                         log_interval=config.log_interval):
         images, targets = to_device(images, device, config.channels_last), targets.to(device)
         with autocast(config, device):
             logits = model(images).float()
-        hit = logits.argmax(1) == targets
+        predicted = logits.argmax(1)
         sums[0] += F.cross_entropy(logits, targets, reduction="sum")
-        sums[1] += hit.sum()
+        sums[1] += (predicted == targets).sum()
         sums[2] += (logits.topk(k, 1).indices == targets[:, None]).any(1).sum()
-        sums[3:3 + num_classes] += torch.bincount(targets[hit], minlength=num_classes)
-        sums[3 + num_classes:] += torch.bincount(targets, minlength=num_classes)
+        matrix += torch.bincount(targets * num_classes + predicted, minlength=num_classes * num_classes)
     if sync and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
-    counts = sums[3 + num_classes:]
+        dist.all_reduce(matrix)
+    matrix = matrix.view(num_classes, num_classes)
+    counts = matrix.sum(1)
     n = max(counts.sum().item(), 1.0)
-    per_class = (sums[3:3 + num_classes] / counts.clamp(min=1)).tolist()
-    return {"loss": sums[0].item() / n, "acc": sums[1].item() / n, "top5": sums[2].item() / n,
-            "per_class": per_class, "n": int(counts.sum().item())}
+    result = {"loss": sums[0].item() / n, "acc": sums[1].item() / n, "top5": sums[2].item() / n,
+              "per_class": (matrix.diagonal() / counts.clamp(min=1)).tolist(), "n": int(counts.sum().item())}
+    if confusion:
+        result["confusion"] = matrix.long().tolist()
+    return result

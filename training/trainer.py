@@ -2,8 +2,8 @@
 
 ``OUT/model.safetensors``  best model by validation accuracy (a Macula checkpoint, servable as is)
 ``OUT/last``               resumable state, ``torch.load(..., weights_only=True)``-loadable
-``OUT/metrics.json``       per-epoch loss, accuracy, learning rate and images/s (+ the test score)
-``OUT/curves.png``, ``OUT/attention.png``
+``OUT/metrics.json``       per-epoch loss, accuracy, learning rates and images/s (+ the test score)
+``OUT/curves.png``, ``OUT/attention.png``  redrawn every epoch, and from the best model at the end
 Only rank 0 writes; every write goes to a temporary file renamed over the old one.
 """
 
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from models import create_model, load_checkpoint, save_checkpoint
 from models.checkpoint import atomic_write
 
-from . import distributed, plots
+from . import distributed, plots, summary
 from .config import TrainConfig
 from .data import DataBundle, build_datasets
 from .engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
@@ -65,7 +65,10 @@ def make_loaders(bundle: DataBundle, config: TrainConfig, info: distributed.Dist
                                  seed=config.seed)
     common = {"batch_size": config.batch_size, "num_workers": config.workers,
               "pin_memory": info.device.type == "cuda", "persistent_workers": False}
-    train = DataLoader(bundle.train, sampler=sampler, drop_last=len(sampler) >= config.batch_size, **common)
+    drop_last = len(sampler) >= config.batch_size
+    train = DataLoader(bundle.train, sampler=sampler, drop_last=drop_last, **common)
+    if info.is_main:
+        summary.warn_dropped(len(sampler), config.batch_size, drop_last)
     val_shard = Subset(bundle.val, range(info.rank, len(bundle.val), info.world_size))
     return train, DataLoader(val_shard, shuffle=False, **common), sampler
 
@@ -76,6 +79,14 @@ def set_data_epoch(dataset, epoch: int) -> None:
         dataset = dataset.dataset
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
+
+
+def epochs_since_best(history: list[dict[str, Any]]) -> int:
+    """Epochs run after the first one that reached the best validation accuracy (``--patience`` counts these)."""
+    if not history:
+        return 0
+    best = max(row["val_acc"] for row in history)
+    return history[-1]["epoch"] - next(row["epoch"] for row in history if row["val_acc"] == best)
 
 
 # ------------------------------------------------------------------------------------ resumable state
@@ -140,6 +151,8 @@ class Trainer:
         self.run = RunState()
         if resume is not None:
             self._restore(resume)
+        if info.is_main:
+            summary.log_start(config, info, self.bundle, self.optimizer, len(self.train_loader))
 
     def _restore(self, state: dict[str, Any]) -> None:
         getattr(self.model, "module", self.model).load_state_dict(state["model"])
@@ -155,6 +168,9 @@ class Trainer:
         """Train the remaining epochs (or up to ``stop_after``, resumable later); returns ``metrics.json``'s dict."""
         last = min(self.config.epochs, stop_after or self.config.epochs)
         for epoch in range(self.run.epoch + 1, last + 1):
+            if self.patience_spent():
+                log.info("early stop: no better validation accuracy for %d epochs", self.config.patience)
+                break
             self.sampler.set_epoch(epoch)
             set_data_epoch(self.bundle.train, epoch)
             train = train_one_epoch(self.model, self.train_loader, self.optimizer, self.scheduler, self.config,
@@ -164,25 +180,39 @@ class Trainer:
                            num_classes=len(self.bundle.class_names), is_main=self.info.is_main)
             self._end_epoch(epoch, train, val)
         distributed.barrier(self.info)
-        return self._finish() if self.info.is_main and last == self.config.epochs else {}
+        done = last == self.config.epochs or self.patience_spent()
+        return self._finish() if self.info.is_main and done else {}
+
+    def patience_spent(self) -> bool:
+        """``--patience`` epochs have passed without a better validation accuracy."""
+        return self.config.patience is not None and epochs_since_best(self.run.history) >= self.config.patience
 
     def _end_epoch(self, epoch: int, train: dict[str, float], val: dict[str, Any]) -> None:
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"],
                "val_acc": val["acc"], "val_top5": val["top5"], "lr": train["lr"],
+               **({"lr_backbone": train["lrs"]["backbone"]} if "backbone" in train.get("lrs", {}) else {}),
                "img_per_s": train["img_per_s"] * self.info.world_size, "epoch_seconds": train["seconds"]}
         self.run.history.append(row)
         self.run.epoch = epoch
         improved = val["acc"] > self.run.best_acc
         self.run.best_acc = max(self.run.best_acc, val["acc"])
-        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr %.4g | %.0f img/s%s",
+        backbone_lr = f" backbone {row['lr_backbone']:.4g}" if "lr_backbone" in row else ""
+        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | lr head %.4g%s | %.0f img/s%s",
                  epoch, self.config.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
-                 row["lr"], row["img_per_s"], "  (best)" if improved else "")
+                 row["lr"], backbone_lr, row["img_per_s"], "  (best)" if improved else "")
         if not self.info.is_main:
             return
         if improved:
             self.save_model(self.summary(epoch, val))
         save_last(self.out / LAST, self.model, self.optimizer, self.scheduler, self.scaler, self.run, self.config)
         self.write_metrics()
+        self.draw(getattr(self.model, "module", self.model))
+
+    def draw(self, model: nn.Module) -> None:
+        """``curves.png`` and ``attention.png`` (``model``'s masks on validation images), rank 0 only."""
+        plots.curves(self.run.history, self.out / "curves.png")
+        plots.attention_grid(model, self.bundle.val, self.bundle.preprocessing, self.out / "attention.png",
+                             device=self.info.device, class_names=self.bundle.class_names)
 
     def summary(self, epoch: int, val: dict[str, Any]) -> dict[str, Any]:
         c = self.config
@@ -199,6 +229,9 @@ class Trainer:
         metrics = {"config": self.config.to_dict(), "epochs": self.run.history, "best_val_acc": self.run.best_acc}
         if test is not None:
             metrics["test"] = test
+        if self.patience_spent():
+            metrics["stopped_early"] = {"after_epoch": self.run.epoch, "patience": self.config.patience,
+                                        "best_epoch": self.run.epoch - epochs_since_best(self.run.history)}
         text = json.dumps(metrics, indent=2)
         atomic_write(self.out / METRICS, lambda tmp: Path(tmp).write_text(text))
         return metrics
@@ -217,7 +250,5 @@ class Trainer:
                             training={**meta.training, "test_acc": test["acc"], "test_top5": test["top5"]})
             log.info("test acc %.4f (top-5 %.4f) on %d images", test["acc"], test["top5"], test["n"])
         metrics = self.write_metrics(test)
-        plots.curves(self.run.history, self.out / "curves.png")
-        plots.attention_grid(best, self.bundle.val, self.bundle.preprocessing, self.out / "attention.png",
-                             device=self.info.device)
+        self.draw(best)
         return metrics

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from models import load_checkpoint
 from training.cli import config_from_args, main, parser
@@ -58,6 +60,7 @@ def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(str
     args = ["--arch", "resnet20", "--attention", "cbam", *TINY, "--out", str(tmp_path), "--epochs", "2"]
     config, _ = config_from_args(parser().parse_args(args))
     Trainer(config, DistInfo()).fit(stop_after=1)
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "attention.png").stat().st_size > 0
     saved = load_last(tmp_path)
     assert saved["epoch"] == 1 and saved["config"]["epochs"] == 2 and len(saved["history"]) == 1
 
@@ -88,6 +91,29 @@ def test_bad_dataset_path_is_a_clear_error_and_exit_code(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_unknown_arch_is_refused_before_any_data_is_read(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "training", "--arch", "resnet19", "--dataset",
+                             f"imagefolder:{tmp_path / 'nope'}", "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: argument --arch: invalid choice: 'resnet19'" in result.stderr and "resnet20" in result.stderr
+    assert "no such dataset folder" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_patience_stops_a_run_that_no_longer_improves(tmp_path):
+    # one validation image: accuracy is 0 or 1, so with patience 1 the run stops by epoch 3 of 5
+    out = tmp_path / "run"
+    assert main(["--arch", "resnet20", "--attention", "none", *TINY, "--limit-val", "1", "--limit-train", "16",
+                 "--epochs", "5", "--patience", "1", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    accuracies = [row["val_acc"] for row in metrics["epochs"]]
+    best_epoch = accuracies.index(max(accuracies)) + 1
+    assert 2 <= len(accuracies) <= 3 and len(accuracies) == best_epoch + 1
+    assert metrics["stopped_early"] == {"after_epoch": len(accuracies), "best_epoch": best_epoch, "patience": 1}
+    assert "test" in metrics and (out / "curves.png").is_file()  # the run was finished: tested and drawn
+    assert load_checkpoint(out / "model.safetensors")[1].training["epoch"] == best_epoch
+
+
 def test_evaluate_reports_accuracy_and_localisation(straight, capsys):
     assert evaluate_main([str(straight / "model.safetensors"), "--limit", "64", "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -110,11 +136,21 @@ def test_init_from_torchvision_on_an_image_folder(tmp_path):
     out = tmp_path / "run"
     assert main(["--arch", "resnet18", "--attention", "bam", "--dataset", f"imagefolder:{root}", "--image-size", "32",
                  "--init-from", f"torchvision:{tmp_path / 'resnet18.pth'}", "--backbone-lr-scale", "0",
-                 "--epochs", "1", "--batch-size", "4", "--workers", "0", "--out", str(out)]) == 0
+                 "--mean", "auto", "--std", "auto", "--resize-mode", "stretch", "--augment", "light",
+                 "--schedule", "step", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--out", str(out)]) == 0
     model, meta = load_checkpoint(out / "model.safetensors")
     state = model.state_dict()
-    assert meta.class_names == ["cat", "dog"] and meta.preprocessing.resize_mode == "center_crop"
+    assert meta.class_names == ["cat", "dog"]
     assert meta.training["init_from"].startswith("torchvision:")
     # backbone lr scale 0: the loaded convolutions are exactly the source's; the new head has trained
     assert torch.equal(state["layer3.1.conv2.weight"], source["layer3.1.conv2.weight"])
     assert state["fc.weight"].shape == (2, 512)
+    # both learning rates are logged: the new head's, and the loaded backbone's (scaled to 0)
+    row = json.loads((out / "metrics.json").read_text())["epochs"][0]
+    assert row["lr"] > 0 and row["lr_backbone"] == 0
+    # --mean/--std auto: the training images' own statistics, at the size the model sees them, in the checkpoint
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB").resize((32, 32), Image.BILINEAR), np.float64) / 255
+                       for p in sorted((root / "train").rglob("*.png"))])
+    assert meta.preprocessing.resize_mode == "stretch"
+    np.testing.assert_allclose(meta.preprocessing.mean, pixels.mean((0, 1, 2)), atol=2e-3)
+    np.testing.assert_allclose(meta.preprocessing.std, pixels.std((0, 1, 2)), atol=2e-3)
