@@ -220,7 +220,7 @@ async function route() {
   try {
     if (detail) {
       const id = decodeURIComponent(detail[1]);
-      await showDetail(id, uploads.get(id));
+      await showDetail(id, uploads.get(id), fail);
       $('detail-heading').focus();
     } else {
       await showList(hashParams());

@@ -58,17 +58,31 @@ function renderTopK(topK) {
   }));
 }
 
+function saveBlob(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const link = element('a', { href: url, download: filename });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
+}
+
 function renderRecordJson(record) {
   const text = JSON.stringify(record, null, 2);
   $('raw-json').textContent = text;
-  $('download').onclick = () => {
-    const url = URL.createObjectURL(new Blob([text], { type: 'application/json' }));
-    const link = element('a', { href: url, download: `prediction-${record.id}.json` });
-    document.body.append(link);
-    link.click();
-    link.remove();
-    setTimeout(() => URL.revokeObjectURL(url), 1000);
-  };
+  $('download').onclick = () => saveBlob(new Blob([text], { type: 'application/json' }), `prediction-${record.id}.json`);
+}
+
+// The server's rendering of the overlay on screen (GET /v1/predictions/{id}/overlay.png), for reports and tickets.
+async function downloadOverlay() {
+  const current = view.masks[view.module];
+  if (!current) return;
+  const opts = options();
+  const query = new URLSearchParams({ image: String(view.image), module: current.module, alpha: String(opts.alpha),
+    colormap: opts.colormap, stretch: String(opts.stretch) });
+  const id = view.record.id;
+  const blob = await api(`v1/predictions/${encodeURIComponent(id)}/overlay.png?${query}`, { as: 'blob' });
+  saveBlob(blob, `prediction-${id}-${view.image}-${current.module}.png`);
 }
 
 // The kept input of image n as an ImageBitmap; null when the service kept none (MACULA_AUDIT_INPUTS=none).
@@ -173,6 +187,7 @@ async function showImage(n, upload) {
 }
 
 let wired = false;
+let onError = (error) => { throw error; };
 
 function wireControls() {
   if (wired) return;
@@ -184,8 +199,9 @@ function wireControls() {
   });
   $('colormap').addEventListener('change', draw);
   $('stretch').addEventListener('change', draw);
-  $('image-picker').addEventListener('change', (e) => showImage(Number(e.target.value)));
+  $('image-picker').addEventListener('change', (e) => showImage(Number(e.target.value)).catch(onError));
   $('overlay-controls').addEventListener('submit', (e) => e.preventDefault());
+  $('download-overlay').addEventListener('click', () => downloadOverlay().catch(onError));
 }
 
 async function fillColormaps() {
@@ -196,7 +212,8 @@ async function fillColormaps() {
 }
 
 // Show prediction `id`; `upload` = {response, file} when it was classified from this tab.
-export async function showDetail(id, upload) {
+export async function showDetail(id, upload, reportError) {
+  onError = reportError;
   wireControls();
   await fillColormaps();
   let record;
@@ -214,5 +231,6 @@ export async function showDetail(id, upload) {
   renderRecordJson(record);
   $('image-picker').replaceChildren(...view.images.map((_, i) => element('option', { value: String(i), textContent: `${i + 1}` })));
   $('image-picker-label').hidden = view.images.length < 2;
+  $('download-overlay').hidden = !view.images.some((image) => image.attention.length);
   if (view.images.length) await showImage(0, upload);
 }
