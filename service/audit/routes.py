@@ -75,8 +75,14 @@ async def search(request: Request, filters: Filters = Depends(_filters),
     return {"items": [item.to_json() for item in page.items], "next_cursor": page.next_cursor}
 
 
+EXPORT_CONTENT = {200: {"description": "one JSON object per prediction (jsonl) or one CSV row per image (csv)",
+                        "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                                    "text/csv": {"schema": {"type": "string"}}}}}
+
+
 @router.get("/predictions/export", summary="Stream every prediction a search selects (JSON lines or CSV)",
-            dependencies=[_strict(*FILTERS, "format")], responses=responses(401, 422, 503))
+            dependencies=[_strict(*FILTERS, "format")], response_class=StreamingResponse,
+            responses={**EXPORT_CONTENT, **responses(401, 422, 503)})
 async def export(request: Request, filters: Filters = Depends(_filters),
                  format: Literal["jsonl", "csv"] = Query("jsonl")) -> StreamingResponse:
     store = _store(request)
