@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
@@ -27,7 +27,8 @@ from starlette.types import Scope
 from .. import errors
 from ..errors import ServiceError
 from ..overlay import COLORMAPS, DEFAULT_COLORMAP, colormap_table, open_kept_input, record_overlay_png
-from ..state import InvalidParameter, ServiceDep
+from ..state import ServiceDep
+from .query import strict
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "audit"
 PAGE_HEADERS = {
@@ -72,21 +73,9 @@ async def colormaps() -> JSONResponse:
 OVERLAY_PARAMETERS = ("image", "module", "alpha", "colormap", "stretch")
 
 
-def strict_overlay_query(request: Request) -> None:
-    """Refuse a query parameter the overlay route does not take (``?modul=...`` must not draw the default), or
-    one given twice."""
-    names = [name for name, _ in request.query_params.multi_items()]
-    for name in names:
-        if name not in OVERLAY_PARAMETERS:
-            raise InvalidParameter(f"unknown query parameter {name!r}; this route takes "
-                                   f"{', '.join(OVERLAY_PARAMETERS)}")
-        if names.count(name) > 1:
-            raise InvalidParameter(f"query parameter {name!r} is given more than once")
-
-
 @overlays.get("/predictions/{prediction_id}/overlay.png", summary="An attention mask drawn over the kept input",
               response_class=Response, responses={200: {"content": {"image/png": {}}}},
-              dependencies=[Depends(strict_overlay_query)])
+              dependencies=[strict(*OVERLAY_PARAMETERS)])
 async def overlay_png(service: ServiceDep, prediction_id: str,
                       image: int = Query(0, ge=0, le=MAX_IMAGE_INDEX, description="which image of the prediction"),
                       module: str | None = Query(None, max_length=200, description="attention module (default: "
