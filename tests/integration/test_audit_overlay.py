@@ -11,19 +11,9 @@ import pytest
 from PIL import Image
 
 from service.codec import resize_mask
-from tests.integration.service_testing import image_bytes, model_dir_with, serving
+from tests.integration.service_testing import image_bytes, serving
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 def wide_photo() -> bytes:
