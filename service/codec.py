@@ -24,8 +24,10 @@ import base64
 import hashlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -50,6 +52,7 @@ class DecodedImage:
     height: int
     sha256: str
     nbytes: int
+    kept: Any = None  # what the audit store keeps of the input (service.audit.inputs), if anything
 
 
 def treat_bomb_warnings_as_errors() -> None:
@@ -113,7 +116,7 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
         img = Image.open(BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
         fmt = _sniffed_format(data)
-        if fmt is not None:
+        if fmt is not None and fmt not in ALLOWED_FORMATS:  # a broken PNG is undecodable, not unsupported
             raise UnsupportedFormat(f"image format {fmt} is not accepted; send JPEG, PNG or WebP") from None
         raise UndecodableImage("not a recognisable image (expected JPEG, PNG or WebP)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -292,11 +295,15 @@ def preprocess(data: bytes, *, max_pixels: int, pre: Preprocessing) -> DecodedIm
     return finish(probe(data, max_pixels=max_pixels, pre=pre), data, pre)
 
 
-def finish(opened: Opened, data: bytes, pre: Preprocessing) -> DecodedImage:
-    """Decode an image :func:`probe` opened and make the model's pixels from it."""
+def finish(opened: Opened, data: bytes, pre: Preprocessing,
+           keep: Callable[[Image.Image, bytes], Any] | None = None) -> DecodedImage:
+    """Decode an image :func:`probe` opened and make the model's pixels from it; ``keep(decoded, data)``, if given,
+    makes what the audit store keeps of the input (a thumbnail of the decoded, EXIF-rotated image)."""
     img = decode_opened(opened, pre)
     width, height = (opened.width, opened.height) if opened.orientation_known else img.size  # PNG: never drafted
-    return DecodedImage(to_pixels(img, pre), width, height, hashlib.sha256(data).hexdigest(), len(data))
+    pixels = to_pixels(img, pre)
+    kept = None if keep is None else keep(img, data)
+    return DecodedImage(pixels, width, height, hashlib.sha256(data).hexdigest(), len(data), kept)
 
 
 def png_base64(mask: np.ndarray) -> str:

@@ -23,8 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import batching, codec, inputs, limits, state
-from .metrics import REJECTION_REASONS, Metrics
+from . import batching, codec, inputs, limits, overlay, state
+from .audit import interface as audit
+from .metrics import Metrics
 
 log = logging.getLogger("service")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "client went away before the answer": logged, never sent
@@ -43,6 +44,8 @@ CODES: dict[str, Rule] = {
     "not_found": Rule(404, "not_found"),
     "model_not_found": Rule(404, "not_found"),
     "prediction_not_found": Rule(404, "not_found"),
+    "mask_not_found": Rule(404, "not_found"),
+    "image_not_found": Rule(404, "not_found"),
     "method_not_allowed": Rule(405, "bad_input"),
     "request_timeout": Rule(408, "read_timeout"),
     "body_too_large": Rule(413, "too_large"),
@@ -55,6 +58,7 @@ CODES: dict[str, Rule] = {
     "internal_error": Rule(500, None),
     "overloaded": Rule(503, "overload", retry_after=True),
     "not_ready": Rule(503, "not_ready", retry_after=True),
+    "audit_unavailable": Rule(503, None, retry_after=True),   # the store's fault, not the client's
     "deadline_exceeded": Rule(504, "timeout"),
 }
 
@@ -77,13 +81,15 @@ ERRORS: dict[type[Exception], str] = {
     state.NotReady: "not_ready",
     state.MasksTooLarge: "response_too_large",
     state.ClientGone: "client_gone",
+    overlay.MaskNotFound: "mask_not_found",
+    overlay.OverlayError: "invalid_parameter",
+    audit.StoreUnavailable: "audit_unavailable",
+    audit.InvalidQuery: "invalid_parameter",
 }
 
 FASTAPI_DEFAULTS = (http_exception_handler, request_validation_exception_handler)  # the handlers we replace
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
                415: "unsupported_media_type", 422: "invalid_parameter"}
-assert {rule.reason for rule in CODES.values()} - {None} <= REJECTION_REASONS
-assert set(ERRORS.values()) <= set(CODES)
 
 
 class ServiceError(Exception):
@@ -117,11 +123,10 @@ def classify(exc: BaseException) -> tuple[str, str, dict[str, str] | None]:
     if isinstance(exc, RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
         return "invalid_parameter", problems or "invalid parameter", None
-    if isinstance(exc, StarletteHTTPException):
-        code = _HTTP_CODES.get(exc.status_code)
-        if code is not None:
-            detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-            return code, detail, getattr(exc, "headers", None)
+    if isinstance(exc, StarletteHTTPException) and exc.status_code < 500:  # any other 4xx of the framework: 400
+        code = _HTTP_CODES.get(exc.status_code, "bad_request")
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return code, detail, getattr(exc, "headers", None)
     for cls in type(exc).__mro__:
         if cls in ERRORS:
             return ERRORS[cls], str(exc), None
@@ -134,12 +139,16 @@ class ErrorHandler:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def respond(self, exc: BaseException) -> JSONResponse:
+    def count(self, exc: BaseException) -> tuple[str, str, dict[str, str] | None]:
+        """Count ``exc`` as a rejection if a client caused it; returns its (code, detail, headers)."""
         code, detail, headers = classify(exc)
         reason = CODES[code].reason
         if reason is not None:
             self.metrics.reject(reason)
-        return error_response(code, detail, headers)
+        return code, detail, headers
+
+    def respond(self, exc: BaseException) -> JSONResponse:
+        return error_response(*self.count(exc))
 
     async def __call__(self, request: Request, exc: Exception) -> JSONResponse:
         response = self.respond(exc)
@@ -200,7 +209,8 @@ _DESCRIPTIONS = {400: "Malformed request", 401: "Missing or wrong API key", 404:
                  408: "The request did not arrive in time", 413: "Body, image count, image or answer too large",
                  415: "Not an accepted image format or Content-Type", 422: "Invalid parameter or undecodable image",
                  500: "Internal error (never caused by what a client sent)",
-                 503: "Overloaded or not ready (with Retry-After)", 504: "Deadline passed before the answer"}
+                 503: "Overloaded, not ready, or the audit store unavailable (with Retry-After)",
+                 504: "Deadline passed before the answer"}
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

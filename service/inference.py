@@ -73,6 +73,7 @@ class ModelRunner:
         self.calibration = self.meta.calibration  # temperature and unfamiliar-input detector (models.familiarity)
         self.detector = self.calibration.detector if self.calibration is not None else None
         self.attention_modules: list[str] = []  # the attention maps' module names, known after the first forward
+        self.attention_sizes: dict[str, tuple[int, int]] = {}  # their (h, w) at the model's input size, known then too
         pre = self.meta.preprocessing  # (x / 255 - mean) / std  ==  (x - 255 mean) / (255 std)
         self.pixel_mean = torch.tensor(pre.mean, device=self.device).mul(255).view(1, -1, 1, 1)
         self.pixel_std = torch.tensor(pre.std, device=self.device).mul(255).view(1, -1, 1, 1)
@@ -120,6 +121,7 @@ class ModelRunner:
             else:
                 logits, maps = self.model(x), {}
         if maps and not self.attention_modules:
+            self.attention_sizes = {name: tuple(m.spatial.shape[-2:]) for name, m in maps.items()}
             self.attention_modules = list(maps)
         scores = probabilities(logits, self.calibration).cpu().numpy()
         masks = {name: (m.spatial.float() * 255).round().clamp(0, 255).to(torch.uint8)[:, 0].cpu().numpy()

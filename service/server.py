@@ -18,16 +18,16 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .errors import classify
+from .limits import ReadTimeout
 from .settings import Settings
-
-HEADERS_TIMEOUT_BODY = json.dumps({"detail": "the request line and headers did not arrive in time",
-                                   "code": "request_timeout"}).encode()
 
 
 class HeaderDeadlineProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline for the request line and headers (``headers_timeout_s``)."""
 
     headers_timeout_s: float = 20.0
+    answer: bytes = b'{"detail": "the request line and headers did not arrive in time", "code": "request_timeout"}'
     on_timeout: Any = None  # called with no argument each time the deadline closes a connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -66,18 +66,23 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
             return
         self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                             b"connection: close\r\ncontent-length: " + str(len(HEADERS_TIMEOUT_BODY)).encode()
-                             + b"\r\n\r\n" + HEADERS_TIMEOUT_BODY)
+                             b"connection: close\r\ncontent-length: " + str(len(self.answer)).encode()
+                             + b"\r\n\r\n" + self.answer)
         self.transport.close()
         if self.on_timeout is not None:
             self.on_timeout()
 
 
 def protocol_for(app: FastAPI, settings: Settings) -> type[HeaderDeadlineProtocol]:
-    """The protocol class for this app: its headers deadline, and its rejections counter."""
-    metrics = app.state.service.metrics
+    """The protocol class for this app: its headers deadline, answered and counted by the app's error handler."""
+    handler = app.state.error_handler
+    timeout = ReadTimeout(settings.read_timeout_s)
+    code = classify(timeout)[0]  # request_timeout, status 408 (errors.CODES)
+    answer = json.dumps({"detail": "the request line and headers did not arrive within "
+                                   f"{settings.read_timeout_s:g} s", "code": code}).encode()
     return type("MaculaHttpProtocol", (HeaderDeadlineProtocol,),
-                {"headers_timeout_s": settings.read_timeout_s, "on_timeout": lambda: metrics.reject("read_timeout")})
+                {"headers_timeout_s": settings.read_timeout_s, "answer": answer,
+                 "on_timeout": staticmethod(lambda: handler.count(timeout))})
 
 
 def config(app: FastAPI, settings: Settings, **overrides: Any) -> uvicorn.Config:

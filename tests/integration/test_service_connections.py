@@ -7,15 +7,9 @@ import json
 import socket
 from urllib.parse import urlsplit
 
-import pytest
-from service_testing import image_bytes, live_server, model_dir_with, noise_image
+from service_testing import image_bytes, live_server, noise_image
 
 READ_TIMEOUT_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 def connect(base: str) -> socket.socket:
@@ -84,3 +78,14 @@ def test_hostile_requests_keep_the_connection_alive(model_dir, tmp_path):
             assert headers.get("connection") != "close", headers
         sock.sendall(request("POST", "/v1/predict", blob))
         assert read_response(sock)[0] == 200
+
+
+def test_a_header_timeout_is_counted_as_a_rejection(model_dir, tmp_path):
+    import httpx
+
+    with live_server(model_dir, tmp_path, read_timeout_s=READ_TIMEOUT_S) as base:
+        with connect(base) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            assert read_response(sock)[0] == 408
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+    assert 'macula_rejections_total{reason="read_timeout"} 1.0' in text

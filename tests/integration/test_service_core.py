@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from PIL import Image
-from service_testing import image_bytes, metric_samples, model_dir_with, noise_image, serving
+from service_testing import image_bytes, metric_samples, noise_image, serving
 
 from service import inputs
 from service import state as state_module
@@ -17,16 +17,6 @@ from service.state import Service, get_service
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 def rejections(text: str) -> dict[str, float]:
@@ -214,3 +204,23 @@ async def test_a_request_still_decoding_when_the_drain_runs_out_gets_json_503(mo
         gate.set()
     assert resp.status_code == 503 and resp.headers["content-type"] == "application/json"
     assert resp.json()["code"] == "not_ready" and resp.headers["Retry-After"]
+
+
+async def test_one_undecodable_image_stops_the_rest_of_its_request_decoding(model_dir, tmp_path, monkeypatch):
+    finished = []
+    real = state_module.finish
+
+    def counting_finish(*args):
+        finished.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(state_module, "finish", counting_finish)
+    good = image_bytes(noise_image(8, 40, "L"))
+    files = [("file", ("bad.png", b"\x89PNG\r\n\x1a\n broken", "image/png"))]
+    files += [("file", (f"{i}.png", good, "image/png")) for i in range(20)]
+    async with serving(model_dir, tmp_path, decode_threads=1) as (app, client):
+        resp = await client.post("/v1/predict", files=files)
+        await asyncio.sleep(0.2)
+        assert app.state.service.batcher._expecting["gray"] == 0
+    assert resp.status_code == 422 and resp.json()["code"] == "undecodable_image"
+    assert len(finished) < 20  # the good images queued behind the bad one were never decoded

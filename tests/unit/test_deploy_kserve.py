@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -85,10 +87,22 @@ def test_one_port_everywhere(isvc, container, env):
 
 
 def test_probes_and_metrics_are_routes_of_the_app(isvc, container, get_routes):
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # 503 until the models are warmed up
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"  # the protocol's server ready
+    assert container["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert isvc["metadata"]["annotations"]["prometheus.kserve.io/path"] == "/metrics"
-    assert {"/readyz", "/healthz", "/metrics"} <= get_routes
+    assert {"/v2/health/ready", "/v2/health/live", "/metrics"} <= get_routes
+
+
+def test_probes_need_no_api_key_and_readiness_waits_for_the_models(container, tmp_path):
+    """Kubelet sends no key: with one set, the probes still answer (503 before the lifespan loads the models)."""
+    app = create_app(Settings(model_dir=tmp_path, audit_db="", api_key="secret"))
+
+    async def probe() -> list[int]:  # no lifespan: the app as it is before its models are loaded
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pod") as client:
+            paths = [container[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe")]
+            return [(await client.get(path)).status_code for path in [*paths, "/v2/models/cbam-resnet50"]]
+
+    assert asyncio.run(probe()) == [200, 503, 401]
 
 
 def test_v2_paths_named_in_the_manifest_are_contract_routes(isvc):

@@ -165,6 +165,9 @@ HOSTILE = {
             "unsupported_media_type"),
     "bmp": (lambda p: encode(p, "BMP"), 415, "unsupported_media_type"),
     "corrupt png body": (lambda p: png_header_only(64, 64), 422, "undecodable_image"),
+    "png signature, garbage header": (lambda p: b"\x89PNG\r\n\x1a\n broken", 422, "undecodable_image"),
+    "svg": (lambda p: b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', 415,
+            "unsupported_media_type"),
 }
 
 
