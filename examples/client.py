@@ -62,6 +62,9 @@ def main() -> None:
     print(f"prediction {answer['id']} by {answer['model']['name']} (version {answer['model']['version']})")
     for entry in prediction["top_k"]:
         print(f"  {entry['label']:>12}  {entry['score']:.4f}")
+    if "familiar" in prediction:  # models whose checkpoint carries an unfamiliar-input detector
+        verdict = "yes" if prediction["familiar"] else "NO: unlike the training data, do not trust the label"
+        print(f"  familiar: {verdict} (familiarity {prediction['familiarity']:.3f})")
     if not prediction.get("attention"):
         print("this model has no attention modules: no overlay")
         return
