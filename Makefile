@@ -15,11 +15,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# promtool (Debian `prometheus`) for the metrics/config checks, wrk for the load benchmarks.
+# Debian packages the tests need: promtool (`prometheus`) for the metrics/config checks, wrk for the load
+# benchmarks, the PostgreSQL server binaries (`postgresql`: initdb/pg_ctl in /usr/lib/postgresql/*/bin) for the
+# audit-store tests, which start a throwaway server of their own.
 system-deps:
-	@if ! command -v promtool >/dev/null || ! command -v wrk >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus wrk >/dev/null; \
-	  else echo "install Debian packages 'prometheus' and 'wrk' (sudo apt-get install prometheus wrk)"; exit 1; fi; fi
+	@missing=""; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "install Debian packages:$$missing (sudo apt-get install$$missing)"; exit 1; fi; fi
 
 test: install system-deps
 	$(PY) -m pytest -q

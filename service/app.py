@@ -18,11 +18,12 @@ from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import errors
+from .audit import routes as audit
 from .auth import require_api_key
 from .codec import treat_bomb_warnings_as_errors
 from .limits import BodyGuard
 from .metrics import Metrics
-from .routers import audit, docs, health, models, predict, torchserve, v2
+from .routers import docs, health, models, predict, torchserve, v2
 from .settings import Settings
 from .state import NotReady, Service
 

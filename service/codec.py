@@ -28,8 +28,10 @@ import base64
 import hashlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -55,6 +57,7 @@ class DecodedImage:
     sha256: str
     nbytes: int
     input_box: tuple[int, int, int, int]  # what the model saw: [x0, y0, x1, y1) in original pixels (see input_box)
+    kept: Any = None  # what the audit store keeps of the input (service.audit.inputs), if anything
 
 
 def treat_bomb_warnings_as_errors() -> None:
@@ -337,12 +340,16 @@ def preprocess(data: bytes, *, max_pixels: int, pre: Preprocessing) -> DecodedIm
     return finish(probe(data, max_pixels=max_pixels, pre=pre), data, pre)
 
 
-def finish(opened: Opened, data: bytes, pre: Preprocessing) -> DecodedImage:
-    """Decode an image :func:`probe` opened and make the model's pixels from it."""
+def finish(opened: Opened, data: bytes, pre: Preprocessing,
+           keep: Callable[[Image.Image, bytes], Any] | None = None) -> DecodedImage:
+    """Decode an image :func:`probe` opened and make the model's pixels from it; ``keep(decoded, data)``, if given,
+    makes what the audit store keeps of the input (a thumbnail of the decoded, EXIF-rotated image)."""
     img = decode_opened(opened, pre)
     width, height = (opened.width, opened.height) if opened.orientation_known else img.size  # PNG: never drafted
     box = input_box(img.size, pre, factor=opened.draft_factor, original=(width, height))
-    return DecodedImage(to_pixels(img, pre), width, height, hashlib.sha256(data).hexdigest(), len(data), box)
+    pixels = to_pixels(img, pre)
+    kept = None if keep is None else keep(img, data)
+    return DecodedImage(pixels, width, height, hashlib.sha256(data).hexdigest(), len(data), box, kept)
 
 
 def png_base64(mask: np.ndarray) -> str:
