@@ -28,7 +28,7 @@ import base64
 import hashlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -359,12 +359,12 @@ def png_base64(mask: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def scaled_box(box: tuple[int, int, int, int], original: tuple[int, int],
-               canvas: tuple[int, int]) -> tuple[int, int, int, int]:
-    """``box`` (original pixels) in the pixels of a ``canvas`` (w, h) copy of the original: edges scaled and
-    rounded (halves up), never empty."""
+def scaled_box(box: Sequence[float], original: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` (original pixels) in the pixels of a ``canvas`` (w, h) copy of the original: edges scaled, rounded
+    (halves up) and clipped to the canvas, never empty. The service's original-size masks and the overlays
+    (service/overlay.py; the auditor's page does the same in overlay.js) all place a mask with it."""
     (width, height), (sx, sy) = canvas, (canvas[0] / original[0], canvas[1] / original[1])
-    x0, y0 = min(_half_up(box[0] * sx), width - 1), min(_half_up(box[1] * sy), height - 1)
+    x0, y0 = min(max(_half_up(box[0] * sx), 0), width - 1), min(max(_half_up(box[1] * sy), 0), height - 1)
     x1, y1 = min(max(_half_up(box[2] * sx), x0 + 1), width), min(max(_half_up(box[3] * sy), y0 + 1), height)
     return x0, y0, x1, y1
 

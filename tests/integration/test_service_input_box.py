@@ -1,6 +1,7 @@
 """Masks aligned with what the model saw, through the running service: on a 640×427 photo with resize 146 →
 centre crop 128 the model sees x ≈ 132..508 only. Every route reports that ``input_box``, original-size masks are
-0 outside it, the audit record keeps it, and an object outside it changes nothing."""
+0 outside it, the audit record keeps it, the overlay draws only inside it, and an object outside it changes
+nothing."""
 
 from __future__ import annotations
 
@@ -20,11 +21,6 @@ PNG = {"Content-Type": "image/png"}
 # 427 → 146 (short side), 640 → int(146 · 640 / 427) = 218; crop 128 at (45, 9) of the resized image; in original
 # pixels 45 · 640/218 = 132.1, 173 · 640/218 = 507.9, 9 · 427/146 = 26.3, 137 · 427/146 = 400.7.
 SEEN = [132, 26, 508, 401]
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +101,23 @@ async def test_every_mask_route_reports_the_box(model_dir, tmp_path):
     prediction = stretched.json()["predictions"][0]
     assert prediction["input_box"] == [0, 0, 640, 427]
     assert all(pixels(e["original"]["png"])[:, -1].max() > 0 for e in prediction["attention"])
+
+
+async def test_the_overlay_draws_inside_the_box_only(model_dir, tmp_path):
+    blob = image_bytes(photo())
+    async with serving(model_dir, tmp_path, audit_inputs="original") as (app, client):
+        made = (await client.post("/v1/models/crop/predict?attention=true", content=blob, headers=PNG)).json()
+        app.state.service.audit.flush(5)
+        overlays = [await client.get(f"/v1/predictions/{made['id']}/overlay.png", params={"module": entry["module"]})
+                    for entry in made["predictions"][0]["attention"]]
+    original = np.asarray(photo()).astype(int)
+    x0, y0, x1, y1 = SEEN
+    for resp in overlays:
+        assert resp.status_code == 200, resp.text
+        drawn = np.asarray(Image.open(io.BytesIO(resp.content)).convert("RGB")).astype(int)
+        assert drawn.shape == original.shape
+        outside = np.ones(original.shape[:2], bool)
+        outside[y0:y1, x0:x1] = False
+        np.testing.assert_array_equal(drawn[outside], original[outside])  # the bar at x = 580..635 untouched
+        changed = np.abs(drawn[y0:y1, x0:x1] - original[y0:y1, x0:x1]).max(axis=2) > 0
+        assert changed.mean() > 0.9  # the mask fills the box
