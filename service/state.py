@@ -100,6 +100,8 @@ class Service:
                                              channels_last=self.settings.channels_last)
             meta = self.runners[name].meta
             self.metrics.set_model_info(name, meta.version, meta.arch["name"], meta.arch.get("attention"))
+            if self.runners[name].detector is not None:  # exported at 0 from the start, so rate() has data
+                self.metrics.unfamiliar_inputs_total.labels(name)
             log.info("loaded model %r (%s, version %s, %s) from %s", name, meta.arch["name"], meta.version,
                      self.runners[name].precision, path)
         self.default_model = self._pick_default()
