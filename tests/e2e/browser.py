@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from tests.integration.live_stack import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT_DIR = ROOT / "runs" / "e2e-screenshots"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
@@ -30,11 +31,6 @@ def chromium_path() -> str | None:
     """Debian's chromium, if installed (``make system-deps`` installs it)."""
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ import contextlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
+
+from tests.integration.live_stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -42,11 +43,6 @@ def try_it_block() -> str:
     assert match, "README.md has no '## Try it' section with a ```bash block"
     return match.group(1)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

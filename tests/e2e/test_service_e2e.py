@@ -8,7 +8,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,15 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
 from tests.conftest import make_checkpoint
+from tests.integration.live_stack import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.integration.live_stack import free_port
 
 SUPERUSER = "macula"
 SKIP_REASON = ("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's 'postgresql' package "
@@ -50,11 +51,6 @@ def find_bindir() -> Path | None:
             return directory
     return None
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PostgresCluster:

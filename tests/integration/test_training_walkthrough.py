@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
+from tests.integration.live_stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "training.md"
@@ -76,11 +77,6 @@ def runnable(blocks: list[str], port: int) -> str:
                   f"sleep 1; done\ncurl -sf http://127.0.0.1:{port}/readyz > /dev/null")
     return "set -euo pipefail\n" + substitute(script, serve, background)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
