@@ -12,8 +12,9 @@ def test_plan_runs_seed_by_seed_with_both_inits_on_the_first_task_only() -> None
     args = study.parser().parse_args(["--seeds", "0", "1"])
     planned = study.plan(args)
     first = [p for p in planned if p[0] == "mnist48"]
-    assert len(first) == 3 * 2 * 2 and [p[3] for p in first] == [0] * 6 + [1] * 6
-    assert {(a, i) for _, a, i, _ in first} == {(a, i) for a in study.ATTENTIONS for i in study.INITS}
+    assert len(first) == 5 * 2 and [p[3] for p in first] == [0] * 5 + [1] * 5
+    assert {(a, i) for _, a, i, _ in first} == {("none", "official")} | {
+        (a, i) for a in ("bam", "cbam") for i in study.INITS}
     assert {(a, i) for t, a, i, _ in planned if t == "hard"} == {(a, "official") for a in study.ATTENTIONS}
     only = study.plan(study.parser().parse_args(["--tasks", "mnist48", "--seeds", "0", "--runs", "cbam:macula"]))
     assert only == [("mnist48", "cbam", "macula", 0)]
@@ -34,6 +35,8 @@ def test_train_command_is_the_demo_recipe_on_the_first_task(tmp_path: Path) -> N
     assert command[1:3] == ["-m", "training"]
     assert "--limit-train" in command and command[command.index("--epochs") + 1] == "3"
     assert command[command.index("--canvas-size") + 1] == "64"
+    sized = study.train_command(args, study.TASKS["hard"], "cbam", "official", 0, tmp_path)
+    assert sized[sized.index("--limit-train") + 1] == "2000" and sized[sized.index("--epochs") + 1] == "10"
 
 
 def fake_run(out: Path, top1: float, *, module: str = "layer3.0.cbam") -> None:
