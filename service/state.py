@@ -22,6 +22,7 @@ from . import formatting
 from .audit import AuditStore
 from .batching import Batcher, DeadlineExceeded
 from .codec import DecodedImage, ImageTooLarge, finish, probe
+from .compiling import Compiler
 from .decoding import DecodePool, Share
 from .inference import ImageResult, ModelRunner
 from .metrics import Metrics
@@ -83,6 +84,7 @@ class Service:
         self.audit = AuditStore(settings.audit_db, max_records=settings.audit_max_records,
                                 max_age_s=settings.audit_max_age_days * 86400.0, on_write=metrics.audit_written,
                                 on_failure=metrics.audit_failed)
+        self.compiler = Compiler(settings, metrics.registry, max_batch=self.max_batch_size)
         self.ready = False
         self.draining = False
         self.drain_expired = False  # True shortly before the drain timeout: answer everything now
@@ -109,6 +111,7 @@ class Service:
                                max_delay=self.max_batch_delay, max_queue=self.settings.max_queue,
                                timeout_s=self.settings.request_timeout_s, torch_threads=threads, metrics=self.metrics)
         self.batcher.start()
+        self.compiler.bind(list(self.runners.values()), self.batcher.call, threads)
 
     def _pick_default(self) -> str:
         wanted = self.settings.default_model
@@ -122,11 +125,13 @@ class Service:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.load)
+        await asyncio.to_thread(self.compiler.load_cached)  # a warm compile cache: compiled before warm-up
         for runner in self.runners.values():
             await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
         self.audit.start()
         self.ready = True
         self.metrics.set_ready(True)
+        self.compiler.start_background()  # forms not in the cache: built aside, swapped in when ready
         log.info("ready: %d model(s) on %s, batches up to %d, delay %.1f ms", len(self.runners), self.device,
                  self.max_batch_size, 1000 * self.max_batch_delay)
 
@@ -162,6 +167,7 @@ class Service:
 
     async def stop(self) -> None:
         self.begin_drain()
+        await asyncio.to_thread(self.compiler.stop)
         if self.batcher is not None:
             finished = await asyncio.to_thread(self.batcher.stop, self.settings.drain_timeout_s)
             if not finished:

@@ -1,0 +1,240 @@
+"""The compiled serving form without compiling anything: the cache key, the cache files (locks, failure markers,
+quarantine), the ``auto`` verdict, and the fallbacks to eager (corrupt package, failed build, no compiler, a
+verdict against compiling), each with its metric. tests/integration/test_compile.py compiles for real."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from service import compiled
+from service.compiled import CompileCache, CompiledModel, CompileKey, build, compile_key, device_signature
+from service.compiling import Compiler, decide
+from service.inference import ModelRunner
+from service.settings import Settings
+
+KEY = CompileKey(version="0123456789ab", torch="2.14.1", device="cpu:x86_64:AVX2:avx2", dtype="float32",
+                 memory_format="channels_last", max_batch=8, threads=2)
+
+
+@pytest.fixture
+def runner(gray_checkpoint) -> ModelRunner:
+    return ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype="none")
+
+
+def run_now(fn, *args) -> Future:
+    """A stand-in for the batcher's ``call``: run on this thread."""
+    future: Future = Future()
+    future.set_result(fn(*args))
+    return future
+
+
+def make_compiler(tmp_path: Path, runner: ModelRunner, mode: str = "on",
+                  command=None) -> tuple[Compiler, CollectorRegistry]:
+    registry = CollectorRegistry()
+    settings = Settings(model_dir=runner.path.parent, compile=mode, compile_cache=tmp_path / "cache", amp_dtype="none")
+    compiler = Compiler(settings, registry, max_batch=4, command=command)
+    compiler.bind([runner], run_now, threads=1)
+    return compiler, registry
+
+
+def sample(registry: CollectorRegistry, name: str, **labels) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def key_of(compiler: Compiler, runner: ModelRunner) -> CompileKey:
+    return compile_key(runner, compiler.max_batch, compiler.threads)
+
+
+# ------------------------------------------------------------------------------------------------------ the key
+
+
+@pytest.mark.parametrize("field, value", [("version", "ba9876543210"), ("torch", "2.15.0"), ("dtype", "bfloat16"),
+                                          ("device", "cpu:x86_64:AVX512:avx2,avx512,avx512_bf16"),
+                                          ("memory_format", "contiguous"), ("max_batch", 16), ("threads", 4)])
+def test_every_part_of_the_key_changes_the_cache_file(field, value):
+    other = dataclasses.replace(KEY, **{field: value})
+    assert other.digest != KEY.digest
+    cache = CompileCache(Path("/cache"))
+    assert cache.package(other, "forward") != cache.package(KEY, "forward")
+    assert cache.package(KEY, "forward").name == f"0123456789ab-{KEY.digest}.forward.pt2"
+    assert dataclasses.replace(KEY).digest == KEY.digest  # and it is a pure function of the fields
+
+
+def test_the_runner_key_follows_its_checkpoint_precision_and_layout(gray_checkpoint, rgb_checkpoint):
+    plain = ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype="none")
+    key = compile_key(plain, 8, 2)
+    assert (key.version, key.dtype, key.memory_format, key.threads) == (plain.meta.version, "float32",
+                                                                         "channels_last", 2)
+    assert key.torch == torch.__version__ and key.device == device_signature(torch.device("cpu"))
+    bf16 = ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype="bfloat16", native_cpu_bf16=True)
+    contiguous = ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype="none", channels_last=False)
+    other = ModelRunner("rgb", rgb_checkpoint, device="cpu", amp_dtype="none")
+    digests = {compile_key(r, 8, 2).digest for r in (plain, bf16, contiguous, other)}
+    assert len(digests) == 4
+    assert compile_key(bf16, 8, 2).dtype == "bfloat16"
+
+
+def test_the_cpu_signature_names_the_isa_without_needing_a_compiler():
+    kind, machine, isa, extensions = device_signature(torch.device("cpu")).split(":")
+    assert kind == "cpu" and machine and isa == torch.backends.cpu.get_cpu_capability()
+    assert ("avx512_bf16" in extensions.split(",")) == torch.cpu._is_avx512_bf16_supported()
+
+
+def test_the_compile_settings(monkeypatch):
+    monkeypatch.delenv("MACULA_COMPILE", raising=False)  # tests/conftest.py turns it off for other tests
+    settings = Settings(model_dir="store")
+    assert settings.compile == "auto"
+    assert settings.compile_cache_dir() == Path("store/.compile-cache")
+    assert Settings(compile="off", compile_cache="/var/cache/macula").compile_cache_dir() == Path("/var/cache/macula")
+    with pytest.raises(ValidationError):
+        Settings(compile="sometimes")
+
+
+def test_auto_keeps_the_compiled_form_when_it_is_no_slower():
+    assert decide(0.10, 0.08, 8)["pays"] and decide(0.10, 0.10, 8)["pays"]
+    assert not decide(0.10, 0.11, 8)["pays"]
+    assert decide(0.2, 0.1, 4) == {"pays": True, "eager_s": 0.2, "compiled_s": 0.1, "batch": 4}
+
+
+# ------------------------------------------------------------------------------------------------- the files
+
+
+def test_a_failed_build_leaves_a_marker_and_no_partial_file(tmp_path, runner, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor fell over")
+
+    monkeypatch.setattr(compiled, "export_form", broken)
+    cache = CompileCache(tmp_path)
+    with pytest.raises(RuntimeError):
+        build(runner, "forward", KEY, cache)
+    assert cache.failure(KEY, "forward").read_text().startswith("RuntimeError: inductor fell over")
+    assert not cache.package(KEY, "forward").exists()
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".tmp", ".pt2")]
+
+
+def test_replicas_sharing_a_cache_build_each_form_once(tmp_path, runner, monkeypatch):
+    """Two builders at once (two replicas): the second waits on the lock, then finds the first one's file."""
+    import torch._inductor
+
+    calls = []
+
+    def fake_compile(program, *, package_path, inductor_configs):
+        calls.append(inductor_configs)
+        time.sleep(0.3)
+        Path(package_path).write_bytes(b"package")
+        return package_path
+
+    monkeypatch.setattr(compiled, "export_form", lambda *args: None)
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
+    cache = CompileCache(tmp_path)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(build(runner, "forward", KEY, cache)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [cache.package(KEY, "forward")] * 2
+    assert calls == [{"freezing": True, "cpp.threads": 2}]  # once, with the key's thread count
+    assert cache.package(KEY, "forward").read_bytes() == b"package"
+
+
+def test_without_packages_the_compiled_model_is_the_eager_one(runner):
+    x = runner._to_device(np.zeros((2, *runner.input_shape), np.uint8))
+    wrapper = CompiledModel(runner.model, ["layer1.0.cbam"])
+    with torch.inference_mode():
+        assert torch.equal(wrapper(x), runner.model(x))
+        assert list(wrapper.forward_with_attention(x)[1]) == list(runner.model.forward_with_attention(x)[1])
+
+
+# -------------------------------------------------------------------------------------------- falling back
+
+
+def test_a_corrupt_package_falls_back_to_eager_is_set_aside_and_rebuilt(tmp_path, runner):
+    compiler, registry = make_compiler(tmp_path, runner)
+    path = compiler.cache.package(key_of(compiler, runner), "forward")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 not really a package")
+    expected = runner.run(np.zeros((1, *runner.input_shape), np.uint8))[0].scores
+    compiler.load_cached()
+    assert runner.compiled is None and runner.serving_form == "eager"
+    assert sample(registry, "macula_compile_failures_total", model="gray", stage="load") == 1
+    assert sample(registry, "macula_model_compiled", model="gray") == 0
+    assert not path.exists() and path.with_suffix(".bad").exists()
+    assert compiler.pending == [runner]  # built again in the background
+    np.testing.assert_array_equal(runner.run(np.zeros((1, *runner.input_shape), np.uint8))[0].scores, expected)
+
+
+def test_a_build_that_fails_leaves_the_model_eager_with_the_metric(tmp_path, runner):
+    command = [sys.executable, "-c", "import sys; print('inductor: something broke'); sys.exit(3)"]
+    compiler, registry = make_compiler(tmp_path, runner, command=lambda r, form: command)
+    compiler.load_cached()
+    assert compiler.pending == [runner]
+    compiler.start_background()
+    compiler._thread.join(60)
+    assert runner.serving_form == "eager"
+    assert sample(registry, "macula_compile_failures_total", model="gray", stage="compile") == 1
+
+
+def test_no_compiler_means_eager_and_a_counted_failure(tmp_path, runner, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    started = []
+    compiler, registry = make_compiler(tmp_path, runner, command=lambda r, form: started.append(form) or ["false"])
+    compiler.load_cached()
+    compiler.start_background()
+    compiler._thread.join(60)
+    assert started == [] and runner.serving_form == "eager"
+    assert sample(registry, "macula_compile_failures_total", model="gray", stage="compile") == 1
+
+
+def test_an_earlier_failure_is_not_retried_until_its_marker_goes(tmp_path, runner):
+    compiler, registry = make_compiler(tmp_path, runner, command=lambda r, form: pytest.fail("rebuilt"))
+    key = key_of(compiler, runner)
+    compiler.cache.write_atomic(compiler.cache.failure(key, "forward"), "RuntimeError: earlier\n")
+    compiler.load_cached()
+    assert compiler.pending == [] and runner.serving_form == "eager"
+
+
+def test_auto_serves_eager_without_loading_where_compiling_did_not_pay(tmp_path, runner):
+    compiler, registry = make_compiler(tmp_path, runner, mode="auto", command=lambda r, form: pytest.fail("built"))
+    key = key_of(compiler, runner)
+    compiler.cache.write_atomic(compiler.cache.decision(key), '{"pays": false, "eager_s": 0.01, "compiled_s": 0.02, '
+                                '"batch": 4}')
+    package = compiler.cache.package(key, "forward")
+    package.write_bytes(b"would fail to load")
+    compiler.load_cached()
+    assert compiler.pending == [] and runner.serving_form == "eager"
+    assert sample(registry, "macula_compile_failures_total", model="gray", stage="load") == 0
+    assert package.exists()  # never opened
+    assert sample(registry, "macula_compile_speedup_ratio", model="gray") == pytest.approx(0.5)
+
+
+def test_off_touches_nothing(tmp_path, runner):
+    compiler, registry = make_compiler(tmp_path, runner, mode="off", command=lambda r, form: pytest.fail("built"))
+    compiler.load_cached()
+    compiler.start_background()
+    assert compiler._thread is None and not (tmp_path / "cache").exists()
+    assert sample(registry, "macula_model_compiled", model="gray") == 0
+
+
+def test_the_background_build_runs_the_cli_with_this_services_key_settings(tmp_path, runner):
+    compiler, _ = make_compiler(tmp_path, runner)
+    command = compiler.build_command(runner, "attention")
+    assert command[:3] == [sys.executable, "-m", "service.compile"]
+    assert command[-1] == "--channels-last"
+    flags = dict(zip(command[3:-1:2], command[4:-1:2], strict=True))
+    assert flags["--models"] == "gray" and flags["--forms"] == "attention"
+    assert flags["--max-batch-size"] == "4" and flags["--torch-threads"] == "1" and flags["--amp-dtype"] == "none"
+    assert flags["--cache"] == str(tmp_path / "cache") and int(flags["--nice"]) > 0
