@@ -15,11 +15,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# promtool (Debian `prometheus`) for the metrics/config checks, wrk for the load benchmarks.
+# promtool (Debian `prometheus`) for the metrics/config checks, wrk for the load benchmarks, g++ for the compiled
+# serving form (AOTInductor compiles C++; tests/integration/test_compile.py).
 system-deps:
-	@if ! command -v promtool >/dev/null || ! command -v wrk >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus wrk >/dev/null; \
-	  else echo "install Debian packages 'prometheus' and 'wrk' (sudo apt-get install prometheus wrk)"; exit 1; fi; fi
+	@if ! command -v promtool >/dev/null || ! command -v wrk >/dev/null || ! command -v g++ >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus wrk g++ >/dev/null; \
+	  else echo "install Debian packages 'prometheus', 'wrk' and 'g++' (sudo apt-get install prometheus wrk g++)"; exit 1; fi; fi
 
 test: install system-deps
 	$(PY) -m pytest -q

@@ -6,10 +6,11 @@ the compiled forward against eager once per cache key (interleaved, at the batch
 keeps eager where compiling did not pay; the verdict is kept in the cache, so later starts do not time again.
 
 A build runs as a child process at low priority (``nice``), ``python -m service.compile`` for one form of one model,
-so the compiler neither holds this process's GIL nor competes with serving for the CPU. Every step that runs the
+so the compiler neither holds this process's GIL nor takes CPU time that serving wants. Every step that runs the
 model (the mask names, the comparison with eager, the timing, the swap itself) is a job on the inference thread,
 between batches. Any failure to build, load or match leaves the model eager, with a log line and
-``macula_compile_failures_total{model,stage}``; ``macula_model_compiled{model}`` says which form serves.
+``macula_compile_failures_total{model,stage}``; ``macula_model_compiled{model}`` says which form serves. Where
+nothing can be built (no C++ compiler, a read-only cache) ``auto`` serves eager with an info line and no failure.
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
-
 from . import compiled
 from .compiled import FORMS, CompileCache, CompiledModel, CompileKey, compile_key
 from .inference import ModelRunner
+from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("service.compile")
@@ -44,16 +44,6 @@ class Stopped(Exception):
     """The service is stopping: abandon the compile work."""
 
 
-class CompileMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.compiled = Gauge("macula_model_compiled", "1 while the model's compiled forward serves, 0 while eager",
-                              ["model"], registry=registry)
-        self.failures = Counter("macula_compile_failures", "Compiled forms that failed to build, load or match "
-                                "eager (the model serves eager)", ["model", "stage"], registry=registry)
-        self.speedup = Gauge("macula_compile_speedup_ratio", "Eager / compiled forward time at the batch cap, "
-                             "measured once per compile cache key (MACULA_COMPILE=auto)", ["model"], registry=registry)
-
-
 class Compiler:
     """Gives each runner its compiled forms. :meth:`bind` once the runners and the inference thread exist,
     :meth:`load_cached` before warm-up (blocking), :meth:`start_background` once serving, :meth:`stop` at shutdown.
@@ -61,11 +51,11 @@ class Compiler:
     ``command(runner, form)`` is the child process that builds one form (default: ``python -m service.compile``).
     """
 
-    def __init__(self, settings: Settings, registry: CollectorRegistry, *, max_batch: int,
+    def __init__(self, settings: Settings, metrics: Metrics, *, max_batch: int,
                  command: Callable[[ModelRunner, str], list[str]] | None = None) -> None:
         self.settings, self.mode, self.max_batch = settings, settings.compile, max_batch
         self.cache = CompileCache(settings.compile_cache_dir())
-        self.metrics = CompileMetrics(registry)
+        self.metrics = metrics
         self.command = command or self.build_command
         self.runners: list[ModelRunner] = []
         self.call: Callable[..., Future] | None = None
@@ -80,7 +70,7 @@ class Compiler:
         """``call(fn, *args)`` runs ``fn`` on the inference thread (the batcher's); ``threads`` is its torch threads."""
         self.runners, self.call, self.threads = list(runners), call, threads
         for runner in self.runners:
-            self.metrics.compiled.labels(runner.name).set(0)
+            self.metrics.model_compiled.labels(runner.name).set(0)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -96,7 +86,7 @@ class Compiler:
                 return
             except Exception:  # never let the compiled form keep the service from starting
                 log.exception("%s: loading the compiled form failed; it serves eager", runner.name)
-                self.metrics.failures.labels(runner.name, "load").inc()
+                self.metrics.compile_failures_total.labels(runner.name, "load").inc()
 
     def start_background(self) -> None:
         """Build the missing forms, one at a time, and swap each in when it is ready."""
@@ -121,7 +111,7 @@ class Compiler:
                 return
             except Exception:  # never let the background thread die silently
                 log.exception("compiling %s failed; it serves eager", runner.name)
-                self.metrics.failures.labels(runner.name, "compile").inc()
+                self.metrics.compile_failures_total.labels(runner.name, "compile").inc()
 
     # ------------------------------------------------------------------ one model
 
@@ -151,10 +141,12 @@ class Compiler:
         return False
 
     def _build(self, runner: ModelRunner, form: str) -> bool:
-        cxx = os.environ.get("CXX", "g++")
-        if shutil.which(cxx) is None:
-            return self._fail(runner, "compile", f"no C++ compiler ({cxx}) to build the {form} form: install g++ "
-                              "(or set CXX), or build the cache with python -m service.compile where one is")
+        missing = self._cannot_build()
+        if missing:
+            if self.mode == "auto":  # not a failure: compiling does not apply here
+                log.info("%s: serving eager: %s (MACULA_COMPILE=off silences this)", runner.name, missing)
+                return False
+            return self._fail(runner, "compile", missing)
         log.info("%s: compiling the %s form in the background (serving %s meanwhile)", runner.name, form,
                  runner.serving_form)
         with self._lock:
@@ -169,6 +161,20 @@ class Compiler:
             tail = "\n".join(output.strip().splitlines()[-5:])
             return self._fail(runner, "compile", f"the build exited {self._child.returncode}:\n{tail}")
         return True
+
+    def _cannot_build(self) -> str | None:
+        """Why no form can be built here (no C++ compiler, a read-only cache), or None."""
+        cxx = os.environ.get("CXX", "g++")
+        if shutil.which(cxx) is None:
+            return (f"no C++ compiler ({cxx}) to build the compiled form: install g++ (or set CXX), or build the "
+                    "cache with python -m service.compile where one is")
+        try:
+            self.cache.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"the compile cache {self.cache.root} cannot be created ({exc}); set MACULA_COMPILE_CACHE"
+        if not os.access(self.cache.root, os.W_OK):
+            return f"the compile cache {self.cache.root} is not writable; set MACULA_COMPILE_CACHE"
+        return None
 
     def _adopt(self, runner: ModelRunner, key: CompileKey, form: str, path: Any) -> bool:
         """Load ``form``, check it against eager, (auto) check that it pays, swap it in."""
@@ -192,7 +198,7 @@ class Compiler:
         if form == "forward" and self.mode == "auto" and not self._pays(runner, key, candidate):
             return False
         self._on_inference(setattr, runner, "compiled", candidate)
-        self.metrics.compiled.labels(runner.name).set(1 if runner.serving_form == "compiled" else 0)
+        self.metrics.model_compiled.labels(runner.name).set(1 if runner.serving_form == "compiled" else 0)
         log.info("%s: serving the compiled %s form (%s)", runner.name, form, path)
         return True
 
@@ -204,7 +210,8 @@ class Compiler:
         return self._report(runner, key, decision)
 
     def _report(self, runner: ModelRunner, key: CompileKey, decision: dict[str, Any]) -> bool:
-        self.metrics.speedup.labels(runner.name).set(decision["eager_s"] / max(decision["compiled_s"], 1e-9))
+        speedup = decision["eager_s"] / max(decision["compiled_s"], 1e-9)
+        self.metrics.compile_speedup_ratio.labels(runner.name).set(speedup)
         if not decision["pays"]:
             log.info("%s: the compiled forward did not pay here (%.1f ms vs %.1f ms eager at batch %d); serving "
                      "eager (MACULA_COMPILE=on forces it; delete %s to time again)", runner.name,
@@ -238,7 +245,7 @@ class Compiler:
 
     def _fail(self, runner: ModelRunner, stage: str, detail: str) -> bool:
         log.warning("%s: compiled form unavailable (%s), serving eager: %s", runner.name, stage, detail)
-        self.metrics.failures.labels(runner.name, stage).inc()
+        self.metrics.compile_failures_total.labels(runner.name, stage).inc()
         return False
 
     def build_command(self, runner: ModelRunner, form: str) -> list[str]:

@@ -84,7 +84,7 @@ class Service:
         self.audit = AuditStore(settings.audit_db, max_records=settings.audit_max_records,
                                 max_age_s=settings.audit_max_age_days * 86400.0, on_write=metrics.audit_written,
                                 on_failure=metrics.audit_failed)
-        self.compiler = Compiler(settings, metrics.registry, max_batch=self.max_batch_size)
+        self.compiler = Compiler(settings, metrics, max_batch=self.max_batch_size)
         self.ready = False
         self.draining = False
         self.drain_expired = False  # True shortly before the drain timeout: answer everything now

@@ -21,6 +21,7 @@ from service import compiled
 from service.compiled import CompileCache, CompiledModel, CompileKey, build, compile_key, device_signature
 from service.compiling import Compiler, decide
 from service.inference import ModelRunner
+from service.metrics import Metrics
 from service.settings import Settings
 
 KEY = CompileKey(version="0123456789ab", torch="2.14.1", device="cpu:x86_64:AVX2:avx2", dtype="float32",
@@ -43,7 +44,7 @@ def make_compiler(tmp_path: Path, runner: ModelRunner, mode: str = "on",
                   command=None) -> tuple[Compiler, CollectorRegistry]:
     registry = CollectorRegistry()
     settings = Settings(model_dir=runner.path.parent, compile=mode, compile_cache=tmp_path / "cache", amp_dtype="none")
-    compiler = Compiler(settings, registry, max_batch=4, command=command)
+    compiler = Compiler(settings, Metrics(registry), max_batch=4, command=command)
     compiler.bind([runner], run_now, threads=1)
     return compiler, registry
 
@@ -188,14 +189,26 @@ def test_a_build_that_fails_leaves_the_model_eager_with_the_metric(tmp_path, run
     assert sample(registry, "macula_compile_failures_total", model="gray", stage="compile") == 1
 
 
-def test_no_compiler_means_eager_and_a_counted_failure(tmp_path, runner, monkeypatch):
+@pytest.mark.parametrize("mode, counted", [("on", 1), ("auto", 0)])
+def test_no_compiler_means_eager_and_in_on_mode_a_counted_failure(tmp_path, runner, monkeypatch, mode, counted):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     started = []
-    compiler, registry = make_compiler(tmp_path, runner, command=lambda r, form: started.append(form) or ["false"])
+    compiler, registry = make_compiler(tmp_path, runner, mode=mode,
+                                       command=lambda r, form: started.append(form) or ["false"])
     compiler.load_cached()
     compiler.start_background()
     compiler._thread.join(60)
     assert started == [] and runner.serving_form == "eager"
+    assert sample(registry, "macula_compile_failures_total", model="gray", stage="compile") == counted
+
+
+def test_a_read_only_cache_means_eager(tmp_path, runner):
+    (tmp_path / "cache").write_text("a file where the cache directory should be")
+    compiler, registry = make_compiler(tmp_path, runner, command=lambda r, form: pytest.fail("built"))
+    compiler.load_cached()
+    compiler.start_background()
+    compiler._thread.join(60)
+    assert runner.serving_form == "eager"
     assert sample(registry, "macula_compile_failures_total", model="gray", stage="compile") == 1
 
 
