@@ -123,11 +123,19 @@ class CompileCache:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def write_atomic(self, target: Path, text: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+    def write_atomic(self, target: Path, text: str) -> bool:
+        """Write ``target`` whole or not at all; False where the cache is read-only (the note is then not kept)."""
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, target)
+        except OSError as exc:
+            log.info("could not write %s: %s", target, exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return False
+        return True
 
     def read_decision(self, key: CompileKey) -> dict[str, Any] | None:
         try:

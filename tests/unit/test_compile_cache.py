@@ -152,6 +152,14 @@ def test_replicas_sharing_a_cache_build_each_form_once(tmp_path, runner, monkeyp
     assert cache.package(KEY, "forward").read_bytes() == b"package"
 
 
+def test_notes_in_an_unwritable_cache_are_skipped_not_raised(tmp_path):
+    (tmp_path / "cache").write_text("a file where the cache directory should be")
+    cache = CompileCache(tmp_path / "cache")
+    assert not cache.write_atomic(cache.decision(KEY), "{}")
+    assert cache.read_decision(KEY) is None
+    assert CompileCache(tmp_path / "ok").write_atomic(CompileCache(tmp_path / "ok").decision(KEY), '{"pays": true}')
+
+
 def test_without_packages_the_compiled_model_is_the_eager_one(runner):
     x = runner._to_device(np.zeros((2, *runner.input_shape), np.uint8))
     wrapper = CompiledModel(runner.model, ["layer1.0.cbam"])
