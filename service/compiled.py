@@ -278,23 +278,21 @@ def tolerance(precision: str) -> float:
     return SCORE_TOLERANCE.get(precision, HALF_TOLERANCE)
 
 
-def mismatch(runner: ModelRunner, candidate: CompiledModel, batch_sizes: tuple[int, ...]) -> str | None:
-    """Run the runner eager and with ``candidate`` on the same random images; describe the first difference beyond
-    the precision's tolerance (scores and masks both lie in [0, 1]), or None. Call on the inference thread."""
-    tol = tolerance(runner.precision)
-    attention = [False, True] if "attention" in candidate.forms else [False]
+def mismatch(runner: ModelRunner, candidate: CompiledModel, form: str, batch_sizes: tuple[int, ...]) -> str | None:
+    """Run ``form`` of the runner eager and with ``candidate`` on the same random images; describe the first
+    difference beyond the precision's tolerance (scores and masks both lie in [0, 1]), or None. Call on the
+    inference thread."""
+    tol, with_masks = tolerance(runner.precision), form == "attention"
     previous = runner.compiled
     try:
         for size in batch_sizes:
             pixels = example_pixels(runner, size, seed=size)
-            for with_masks in attention:
-                runner.compiled = None
-                want = runner.run(pixels, attention=with_masks)
-                runner.compiled = candidate
-                got = runner.run(pixels, attention=with_masks)
-                problem = _compare(want, got, tol)
-                if problem:
-                    return f"batch {size}{' with attention' if with_masks else ''}: {problem}"
+            runner.compiled = None
+            want = runner.run(pixels, attention=with_masks)
+            runner.compiled = candidate
+            problem = _compare(want, runner.run(pixels, attention=with_masks), tol)
+            if problem:
+                return f"batch {size}: {problem}"
     finally:
         runner.compiled = previous
     return None

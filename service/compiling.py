@@ -187,7 +187,7 @@ class Compiler:
         base = runner.compiled or CompiledModel(runner.model, names)
         candidate = base.with_form(form, package)
         try:
-            problem = self._on_inference(compiled.mismatch, runner, candidate, (1, self.max_batch))
+            problem = self._on_inference(compiled.mismatch, runner, candidate, form, (1, self.max_batch))
         except Stopped:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -121,7 +121,7 @@ def test_a_bf16_compiled_forward_equals_eager_within_bf16_precision(model_dir, t
         got, want = candidate(x), runner.model(x)
     assert got.dtype == torch.bfloat16
     close(got, want, 5e-2)
-    assert compiled.mismatch(runner, candidate, (1, 4)) is None
+    assert compiled.mismatch(runner, candidate, "forward", (1, 4)) is None
 
 
 async def predict_all(client, attention: bool = True) -> list[dict]:

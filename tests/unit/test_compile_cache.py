@@ -17,7 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from service import compiled
+from service import compiled, compiling
 from service.compiled import CompileCache, CompiledModel, CompileKey, build, compile_key, device_signature
 from service.compiling import Compiler, decide
 from service.inference import ModelRunner
@@ -259,3 +259,71 @@ def test_the_background_build_runs_the_cli_with_this_services_key_settings(tmp_p
     assert flags["--models"] == "gray" and flags["--forms"] == "attention"
     assert flags["--max-batch-size"] == "4" and flags["--torch-threads"] == "1" and flags["--amp-dtype"] == "none"
     assert flags["--cache"] == str(tmp_path / "cache") and int(flags["--nice"]) > 0
+
+
+# ----------------------------------------------------------------------------- the swap, with stand-in packages
+
+
+class EagerPackage:
+    """Stands in for a loaded package: the runner's model in the package's calling convention (float32)."""
+
+    def __init__(self, runner: ModelRunner, form: str, scale: float = 1.0) -> None:
+        self.model, self.form, self.scale = runner.model, form, scale
+
+    def __call__(self, x):
+        if self.form == "forward":
+            return self.model(x) * self.scale
+        logits, maps = self.model.forward_with_attention(x)
+        return (logits * self.scale, *(m.spatial for m in maps.values()), *(m.channel for m in maps.values()))
+
+
+def with_packages(monkeypatch, compiler: Compiler, runner: ModelRunner, scale: float = 1.0) -> None:
+    """Both forms 'in the cache', loading as :class:`EagerPackage`."""
+    key = key_of(compiler, runner)
+    for form in compiled.FORMS:
+        compiler.cache.package(key, form).parent.mkdir(parents=True, exist_ok=True)
+        compiler.cache.package(key, form).write_bytes(form.encode())
+    monkeypatch.setattr(compiled, "load_package",
+                        lambda path, device: EagerPackage(runner, path.read_text(), scale))
+
+
+def test_forms_that_match_eager_are_swapped_in(tmp_path, runner, monkeypatch):
+    compiler, registry = make_compiler(tmp_path, runner)
+    with_packages(monkeypatch, compiler, runner)
+    pixels = compiled.example_pixels(runner, 3)
+    want = runner.run(pixels, attention=True)
+    compiler.load_cached()
+    assert runner.serving_form == "compiled" and set(runner.compiled.forms) == {"forward", "attention"}
+    assert sample(registry, "macula_model_compiled", model="gray") == 1
+    got = runner.run(pixels, attention=True)
+    assert compiled._compare(want, got, 1e-6) is None
+    assert list(got[0].masks) == list(want[0].masks)
+
+
+def test_a_form_that_does_not_match_eager_is_refused_and_marked(tmp_path, runner, monkeypatch):
+    compiler, registry = make_compiler(tmp_path, runner)
+    with_packages(monkeypatch, compiler, runner, scale=3.0)  # logits off by a factor: different softmax scores
+    compiler.load_cached()
+    assert runner.compiled is None and compiler.pending == []
+    assert sample(registry, "macula_compile_failures_total", model="gray", stage="verify") == 1
+    marker = compiler.cache.failure(key_of(compiler, runner), "forward")
+    assert marker.read_text().startswith("does not match eager: batch 1: scores differ")
+
+
+def test_auto_times_the_forms_once_and_keeps_the_verdict(tmp_path, runner, monkeypatch):
+    compiler, registry = make_compiler(tmp_path, runner, mode="auto")
+    with_packages(monkeypatch, compiler, runner)
+    timed = []
+    real = compiled.time_forward
+    monkeypatch.setattr(compiled, "time_forward", lambda *args: timed.append(args[1]) or real(*args))
+    compiler.load_cached()
+    verdict = compiler.cache.read_decision(key_of(compiler, runner))
+    assert len(timed) == 2 * (compiling.TIMING_ROUNDS + 1)
+    assert timed[:2] == [None, timed[1]] and timed[1] is not None  # eager and compiled alternate
+    assert set(verdict) == {"pays", "eager_s", "compiled_s", "batch"} and verdict["batch"] == 4
+    assert runner.serving_form == ("compiled" if verdict["pays"] else "eager")
+    assert sample(registry, "macula_compile_speedup_ratio", model="gray") == pytest.approx(
+        verdict["eager_s"] / verdict["compiled_s"])
+    runner.compiled, timed[:] = None, []
+    compiler.load_cached()
+    assert timed == [] and runner.serving_form == ("compiled" if verdict["pays"] else "eager")
