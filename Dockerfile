@@ -52,7 +52,8 @@ RUN groupadd --system --gid "${UID}" macula \
     && chown "${UID}:${UID}" /data
 COPY --from=builder /opt/venv /opt/venv
 # Bind to every interface inside the container only; the service's own default stays 127.0.0.1.
-# The audit SQLite file lives on the /data volume (one file per container: see docs/operations.md, "Scale").
+# The default audit store is an SQLite file on the /data volume; replicas share PostgreSQL instead
+# (MACULA_AUDIT_URL: see docs/operations.md, "Scale").
 ENV PATH=/opt/venv/bin:$PATH \
     MACULA_HOST=0.0.0.0 \
     MACULA_PORT=8000 \

@@ -45,7 +45,9 @@ from .inference import ModelRunner
 
 log = logging.getLogger("service.compile")
 
-FORMS = ("forward", "attention")  # the compiled entry points: model(x) and model.forward_with_attention(x)
+SCHEME = "features-v1"  # the compiled graphs: pooled features (and masks), input cast to the runner's dtype
+SCHEME = "features-v1"  # what is compiled: pooled features (and masks) from an input cast to the runner's dtype
+FORMS = ("forward", "attention")  # plain, and with every attention module's masks
 SCORE_TOLERANCE = {"float32": 1e-3}  # compiled vs eager softmax scores and masks (both in [0, 1]); others below
 HALF_TOLERANCE = 5e-2  # bf16/fp16 keep 8/11 bits: a few tenths of a percent per layer, well under this
 
@@ -58,6 +60,7 @@ class CompileKey:
     """Everything a compiled form depends on."""
 
     version: str  # the checkpoint's sha256[:12]
+    scheme: str  # what is compiled and how (SCHEME): changes with this module's graphs
     torch: str
     device: str  # device_signature()
     dtype: str  # what the runner computes in: float32, bfloat16, float16
@@ -88,8 +91,9 @@ def device_signature(device: torch.device) -> str:
 
 def compile_key(runner: ModelRunner, max_batch: int, threads: int) -> CompileKey:
     memory_format = "channels_last" if runner.memory_format is torch.channels_last else "contiguous"
-    return CompileKey(version=runner.meta.version, torch=torch.__version__, device=device_signature(runner.device),
-                      dtype=runner.precision, memory_format=memory_format, max_batch=max_batch,
+    return CompileKey(version=runner.meta.version, scheme=SCHEME, torch=torch.__version__,
+                      device=device_signature(runner.device), dtype=runner.precision, memory_format=memory_format,
+                      max_batch=max_batch,
                       threads=threads if runner.device.type == "cpu" else 0)
 
 
@@ -152,23 +156,26 @@ class CompileCache:
 # ---------------------------------------------------------------------------------------------------------- build
 
 
-class _Forward(nn.Module):
-    """The runner's prepared model computing in ``dtype`` (the runner's autocast, made explicit)."""
+class _Features(nn.Module):
+    """The runner's prepared model up to its pooled features, computing in ``dtype`` (the runner's autocast, made
+    explicit). The classifier (``fc``, one small matmul) stays eager: the runner needs the features themselves
+    for a checkpoint's unfamiliar-input detector, so one compiled graph serves every path."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
         self.model, self.dtype = model, dtype
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.model(x.to(self.dtype))
+        return self.model.forward_features(x.to(self.dtype))
 
 
-class _WithAttention(_Forward):
-    """``(logits, spatial masks..., channel masks...)``, the masks in network order."""
+class _FeaturesWithAttention(_Features):
+    """``(features, spatial masks..., channel masks...)``, the masks in network order."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        logits, maps = self.model.forward_with_attention(x.to(self.dtype))
-        return (logits, *(m.spatial for m in maps.values()), *(m.channel for m in maps.values()))
+        maps: dict[str, AttentionMap] = {}
+        features = self.model.forward_features(x.to(self.dtype), maps)
+        return (features, *(m.spatial for m in maps.values()), *(m.channel for m in maps.values()))
 
 
 def example_pixels(runner: ModelRunner, batch: int, seed: int = 0) -> np.ndarray:
@@ -182,7 +189,7 @@ def export_form(runner: ModelRunner, form: str, max_batch: int) -> torch.export.
     model = runner.model  # CPU bf16: the runner stores its weights in bf16 already; CUDA autocast: a copy in dtype
     if next(model.parameters()).dtype != dtype:
         model = copy.deepcopy(model).to(dtype)
-    module = (_WithAttention if form == "attention" else _Forward)(model, dtype).eval()
+    module = (_FeaturesWithAttention if form == "attention" else _Features)(model, dtype).eval()
     x = runner._to_device(example_pixels(runner, min(2, max_batch)))  # not 1: a size of 1 is specialised
     shapes = {"x": {0: torch.export.Dim("batch", min=1, max=max_batch)}} if max_batch > 1 else None
     with torch.inference_mode(False), torch.no_grad():
@@ -245,30 +252,37 @@ def attention_names(runner: ModelRunner) -> list[str]:
 
 
 class CompiledModel:
-    """What :class:`ModelRunner` calls in place of its eager model: ``model(x)`` and
-    ``model.forward_with_attention(x)``, each compiled where its package is loaded and eager otherwise."""
+    """What :class:`ModelRunner` calls in place of its eager model: ``model(x)``,
+    ``model.forward_with_attention(x)``, ``model.forward_features(x, maps)`` and ``model.fc``. The features (and
+    masks) come from the compiled form where its package is loaded, else from the eager model; ``fc`` is eager."""
 
     def __init__(self, eager: nn.Module, names: list[str], forms: dict[str, Any] | None = None) -> None:
         self.eager, self.names, self.forms = eager, names, dict(forms or {})
+        self.fc = eager.fc
 
     def with_form(self, form: str, package: Any) -> CompiledModel:
         return CompiledModel(self.eager, self.names, {**self.forms, form: package})
 
-    def __call__(self, x: Tensor) -> Tensor:
-        compiled = self.forms.get("forward")
+    def forward_features(self, x: Tensor, maps: dict[str, AttentionMap] | None = None) -> Tensor:
+        compiled = self.forms.get("forward" if maps is None else "attention")
         if compiled is None:
-            return self.eager(x)
+            return self.eager.forward_features(x, maps)
         with torch.autocast(x.device.type, enabled=False):  # the package computes in its own dtype
-            return compiled(x)
+            outputs = compiled(x)
+        if maps is None:
+            return outputs
+        features, *masks = outputs
+        n = len(self.names)
+        maps.update({name: AttentionMap(masks[i], masks[n + i]) for i, name in enumerate(self.names)})
+        return features
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.fc(self.forward_features(x))
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, dict[str, AttentionMap]]:
-        compiled = self.forms.get("attention")
-        if compiled is None:
-            return self.eager.forward_with_attention(x)
-        with torch.autocast(x.device.type, enabled=False):
-            logits, *masks = compiled(x)
-        n = len(self.names)
-        return logits, {name: AttentionMap(masks[i], masks[n + i]) for i, name in enumerate(self.names)}
+        maps: dict[str, AttentionMap] = {}
+        features = self.forward_features(x, maps)
+        return self.fc(features), maps
 
 
 # --------------------------------------------------------------------------------------------- check and measure

@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import batching, codec, inputs, limits, state
+from . import batching, codec, inputs, limits, overlay, state
+from .audit import interface as audit
 from .metrics import Metrics
 
 log = logging.getLogger("service")
@@ -43,6 +44,8 @@ CODES: dict[str, Rule] = {
     "not_found": Rule(404, "not_found"),
     "model_not_found": Rule(404, "not_found"),
     "prediction_not_found": Rule(404, "not_found"),
+    "mask_not_found": Rule(404, "not_found"),
+    "image_not_found": Rule(404, "not_found"),
     "method_not_allowed": Rule(405, "bad_input"),
     "request_timeout": Rule(408, "read_timeout"),
     "body_too_large": Rule(413, "too_large"),
@@ -55,6 +58,7 @@ CODES: dict[str, Rule] = {
     "internal_error": Rule(500, None),
     "overloaded": Rule(503, "overload", retry_after=True),
     "not_ready": Rule(503, "not_ready", retry_after=True),
+    "audit_unavailable": Rule(503, None, retry_after=True),   # the store's fault, not the client's
     "deadline_exceeded": Rule(504, "timeout"),
 }
 
@@ -77,6 +81,10 @@ ERRORS: dict[type[Exception], str] = {
     state.NotReady: "not_ready",
     state.MasksTooLarge: "response_too_large",
     state.ClientGone: "client_gone",
+    overlay.MaskNotFound: "mask_not_found",
+    overlay.OverlayError: "invalid_parameter",
+    audit.StoreUnavailable: "audit_unavailable",
+    audit.InvalidQuery: "invalid_parameter",
 }
 
 FASTAPI_DEFAULTS = (http_exception_handler, request_validation_exception_handler)  # the handlers we replace
@@ -201,7 +209,8 @@ _DESCRIPTIONS = {400: "Malformed request", 401: "Missing or wrong API key", 404:
                  408: "The request did not arrive in time", 413: "Body, image count, image or answer too large",
                  415: "Not an accepted image format or Content-Type", 422: "Invalid parameter or undecodable image",
                  500: "Internal error (never caused by what a client sent)",
-                 503: "Overloaded or not ready (with Retry-After)", 504: "Deadline passed before the answer"}
+                 503: "Overloaded, not ready, or the audit store unavailable (with Retry-After)",
+                 504: "Deadline passed before the answer"}
 
 
 def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

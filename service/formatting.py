@@ -2,7 +2,9 @@
 
 PNG encoding is CPU work: :func:`with_masks` runs in the decode pool. Masks at the input image's size
 (``attention_size=original``) are scaled down to at most ``max_side`` on their longer side (aspect kept), and
-the service refuses a request whose original-size masks would exceed its byte budget before running it.
+the service refuses a request whose original-size masks would exceed its byte budget before running it. Each
+image's ``input_box`` (the region of the original the model saw, from the codec) goes into its entry; an
+original-size mask covers that box and is 0 outside it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .codec import DecodedImage, png_base64, resize_mask
+from .codec import DecodedImage, place_mask, png_base64
 from .inference import ImageResult, ModelRunner
 
 if TYPE_CHECKING:
@@ -30,25 +32,32 @@ def capped_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def attention_entries(masks: dict[str, np.ndarray], original: tuple[int, int] | None) -> list[dict[str, Any]]:
-    """One entry per module at its own resolution; with ``original`` = (w, h) also the map resized to it."""
+def attention_entries(masks: dict[str, np.ndarray], image: DecodedImage,
+                      original: tuple[int, int] | None) -> list[dict[str, Any]]:
+    """One entry per module at its own resolution; with ``original`` = (w, h) (the image's size, maybe scaled
+    down) also the map placed over the image's ``input_box`` on a canvas of that size (0 outside the box)."""
     entries = []
     for module, mask in masks.items():
         entry: dict[str, Any] = {"module": module, "height": int(mask.shape[0]), "width": int(mask.shape[1]),
                                  "png": png_base64(mask)}
         if original is not None:
             w, h = original
-            entry["original"] = {"height": h, "width": w, "png": png_base64(resize_mask(mask, w, h))}
+            placed = place_mask(mask, image.input_box, (image.width, image.height), original)
+            entry["original"] = {"height": h, "width": w, "png": png_base64(placed)}
         entries.append(entry)
     return entries
 
 
 def predictions(runner: ModelRunner, images: list[DecodedImage], results: list[ImageResult], *, k: int,
                 attention: bool) -> list[dict[str, Any]]:
-    """The top-k of each image (and an empty attention list where asked for; :func:`with_masks` fills it)."""
+    """The top-k and ``input_box`` of each image (and an empty attention list where asked for;
+    :func:`with_masks` fills it)."""
     items = []
-    for result in results:
-        item: dict[str, Any] = {"top_k": top_k(result.scores, runner.meta.class_names, k)}
+    for image, result in zip(images, results, strict=True):
+        item: dict[str, Any] = {"top_k": top_k(result.scores, runner.meta.class_names, k),
+                                "input_box": list(image.input_box)}
+        if result.familiar is not None:  # only for checkpoints that carry a detector
+            item["familiar"], item["familiarity"] = result.familiar, round(result.familiarity, 4)
         if attention:
             item["attention"] = []
         items.append(item)
@@ -60,7 +69,7 @@ def with_masks(runner: ModelRunner, images: list[DecodedImage], results: list[Im
     """``items`` with each image's attention entries (blocking: PNG encoding)."""
     for image, result, item in zip(images, results, items, strict=True):
         original = capped_size(image.width, image.height, max_side) if original_size else None
-        item["attention"] = attention_entries(result.masks or {}, original)
+        item["attention"] = attention_entries(result.masks or {}, image, original)
     return items
 
 
@@ -68,7 +77,8 @@ def audit_record(prediction: Prediction, *, route: str, started: float) -> dict[
     images = []
     for image, item in zip(prediction.images, prediction.items, strict=True):
         entry = {"sha256": image.sha256, "bytes": image.nbytes, "width": image.width, "height": image.height,
-                 "top_k": item["top_k"]}
+                 "input_box": list(image.input_box), "top_k": item["top_k"]}
+        entry |= {key: item[key] for key in ("familiar", "familiarity") if key in item}
         if "attention" in item:
             entry["attention"] = item["attention"]
         images.append(entry)

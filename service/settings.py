@@ -47,9 +47,18 @@ class Settings(BaseSettings):
     read_timeout_s: float = Field(20.0, gt=0)  # request line + headers, and then the whole body, must arrive in time
     max_mask_side: int = Field(1024, ge=1)  # attention_size=original: masks larger than this are scaled down
     max_mask_bytes: int = Field(32 * 1024 * 1024, ge=1)  # ... and all of a response's original masks, raw pixels
+    # audit store (service/audit): MACULA_AUDIT_URL wins over MACULA_AUDIT_DB (the SQLite path) when set
     audit_db: str = "macula_audit.db"
+    audit_url: SecretStr | None = None
+    audit_durable: bool = False
+    audit_inputs: Literal["none", "thumbnail", "original"] = "thumbnail"
     audit_max_records: int = Field(100_000, ge=1)
     audit_max_age_days: float = Field(30.0, gt=0)
+    audit_max_bytes: int = Field(5 * 1024**3, ge=1)
+    audit_retention_interval_s: float = Field(60.0, gt=0)
+    audit_queue_size: int = Field(10_000, ge=1)
+    audit_commit_timeout_s: float = Field(5.0, gt=0)
+    audit_pool_size: int = Field(4, ge=1)
     api_key: SecretStr | None = None
     drain_timeout_s: float = Field(20.0, ge=0)
     log_level: str = "info"

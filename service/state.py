@@ -19,7 +19,7 @@ from fastapi import Depends
 from starlette.requests import Request
 
 from . import formatting
-from .audit import AuditStore
+from .audit.factory import build_store, input_keeper
 from .batching import Batcher, DeadlineExceeded
 from .codec import DecodedImage, ImageTooLarge, finish, probe
 from .compiling import Compiler
@@ -81,9 +81,8 @@ class Service:
         self.default_model: str | None = None
         self.batcher: Batcher | None = None
         self.decode_pool = DecodePool(settings.decode_workers(), budget_bytes=settings.decode_memory_bytes)
-        self.audit = AuditStore(settings.audit_db, max_records=settings.audit_max_records,
-                                max_age_s=settings.audit_max_age_days * 86400.0, on_write=metrics.audit_written,
-                                on_failure=metrics.audit_failed)
+        self.audit = build_store(settings, metrics)            # the audit trail: service/audit
+        self.keep_input = input_keeper(settings, self.audit)   # MACULA_AUDIT_INPUTS, made in the decode step
         self.compiler = Compiler(settings, metrics, max_batch=self.max_batch_size)
         self.ready = False
         self.draining = False
@@ -128,7 +127,7 @@ class Service:
         await asyncio.to_thread(self.compiler.load_cached)  # a warm compile cache: compiled before warm-up
         for runner in self.runners.values():
             await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
-        self.audit.start()
+        await asyncio.to_thread(self.audit.start)   # opens (and migrates) the database: not on the event loop
         self.ready = True
         self.metrics.set_ready(True)
         self.compiler.start_background()  # forms not in the cache: built aside, swapped in when ready
@@ -207,7 +206,8 @@ class Service:
         (``request_timeout_s`` from now) covers decoding, queueing and inference; ``until_gone`` returns when the
         client has left (its queued images are then skipped: :class:`ClientGone`)."""
         started, deadline = time.perf_counter(), time.monotonic() + self.settings.request_timeout_s
-        self.check_accepting()
+        if not self.ready:  # draining is no reason here: the route accepted this request (check_accepting) before
+            raise NotReady("loading models: the service is starting up")  # the signal, while its body was read
         runner = self.runner(model)
         k = self._top_k(runner, top_k)
         work = asyncio.ensure_future(self._classify(runner, blobs, attention and runner.has_attention,
@@ -218,12 +218,15 @@ class Service:
             items = await self.in_pool(formatting.with_masks, runner, images, results, items, original_size,
                                        self.settings.max_mask_side)
         prediction = Prediction(runner, images, results, items, k)
-        self._record(formatting.audit_record(prediction, route=route, started=started))
+        await self._record(formatting.audit_record(prediction, route=route, started=started),
+                           [image.kept for image in images])
         return prediction
 
-    def _record(self, record: dict[str, Any]) -> None:
-        """Hand the finished record to the audit store: the one place the predict path does."""
-        self.audit.submit(record)
+    async def _record(self, record: dict[str, Any], inputs: list[Any]) -> None:
+        """Hand the finished record (and the kept inputs) to the audit store: the one place the predict path does.
+        Best-effort: queued. Durable (``MACULA_AUDIT_DURABLE``): committed before the answer, or StoreUnavailable
+        (503 ``audit_unavailable``)."""
+        await self.audit.save(record, inputs)
 
     @staticmethod
     def _top_k(runner: ModelRunner, top_k: int | None) -> int:
@@ -258,6 +261,8 @@ class Service:
             for future in futures:
                 future.cancel()  # no-op for finished ones; the batcher skips cancelled ones still queued
         self.metrics.observe_predictions(runner.name, (float(r.scores.max()) for r in results))
+        if runner.detector is not None:
+            self.metrics.observe_familiarity(runner.name, (r.familiar for r in results))
         return images, list(results)
 
     async def _decode_all(self, runner: ModelRunner, blobs: Sequence[bytes]) -> list[DecodedImage]:
@@ -280,7 +285,7 @@ class Service:
             raise ImageTooLarge(f"decoding this {opened.width}x{opened.height} image would take about "
                                 f"{opened.cost >> 20} MiB; the limit is {share.budget >> 20} MiB per request")
         decoded, seconds = await self.decode_pool.run(share, _timed_finish, opened, data, runner.meta.preprocessing,
-                                                      cost=opened.cost)
+                                                      self.keep_input, cost=opened.cost)
         self.metrics.observe_preprocess(runner.name, seconds)
         return decoded
 
@@ -300,10 +305,11 @@ def _probe(data: bytes, max_pixels: int, pre: Any) -> Any:
     return probe(data, max_pixels=max_pixels, pre=pre)
 
 
-def _timed_finish(opened: Any, data: bytes, pre: Any) -> tuple[DecodedImage, float]:
-    """Decode + preprocess one image on a pool thread; the time excludes waiting for the thread."""
+def _timed_finish(opened: Any, data: bytes, pre: Any, keep: Any = None) -> tuple[DecodedImage, float]:
+    """Decode + preprocess one image on a pool thread (and make what the audit store keeps of it); the time
+    excludes waiting for the thread."""
     start = time.perf_counter()
-    decoded = finish(opened, data, pre)
+    decoded = finish(opened, data, pre, keep)
     return decoded, time.perf_counter() - start
 
 

@@ -1,1 +1,1 @@
-"""One router per concern: health, models, predict, audit, torchserve."""
+"""One router per concern: health, models, predict, torchserve, docs (the audit routes are service/audit/routes.py)."""

@@ -24,8 +24,8 @@ from service.inference import ModelRunner
 from service.metrics import Metrics
 from service.settings import Settings
 
-KEY = CompileKey(version="0123456789ab", torch="2.14.1", device="cpu:x86_64:AVX2:avx2", dtype="float32",
-                 memory_format="channels_last", max_batch=8, threads=2)
+KEY = CompileKey(version="0123456789ab", scheme="features-v1", torch="2.14.1", device="cpu:x86_64:AVX2:avx2",
+                 dtype="float32", memory_format="channels_last", max_batch=8, threads=2)
 
 
 @pytest.fixture
@@ -61,7 +61,8 @@ def key_of(compiler: Compiler, runner: ModelRunner) -> CompileKey:
 # ------------------------------------------------------------------------------------------------------ the key
 
 
-@pytest.mark.parametrize("field, value", [("version", "ba9876543210"), ("torch", "2.15.0"), ("dtype", "bfloat16"),
+@pytest.mark.parametrize("field, value", [("version", "ba9876543210"), ("scheme", "features-v2"), ("torch", "2.15.0"),
+                                          ("dtype", "bfloat16"),
                                           ("device", "cpu:x86_64:AVX512:avx2,avx512,avx512_bf16"),
                                           ("memory_format", "contiguous"), ("max_batch", 16), ("threads", 4)])
 def test_every_part_of_the_key_changes_the_cache_file(field, value):
@@ -272,9 +273,10 @@ class EagerPackage:
 
     def __call__(self, x):
         if self.form == "forward":
-            return self.model(x) * self.scale
-        logits, maps = self.model.forward_with_attention(x)
-        return (logits * self.scale, *(m.spatial for m in maps.values()), *(m.channel for m in maps.values()))
+            return self.model.forward_features(x) * self.scale
+        maps = {}
+        features = self.model.forward_features(x, maps) * self.scale
+        return (features, *(m.spatial for m in maps.values()), *(m.channel for m in maps.values()))
 
 
 def with_packages(monkeypatch, compiler: Compiler, runner: ModelRunner, scale: float = 1.0) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -125,13 +124,22 @@ def test_load_balancer_lets_the_service_answer_413_itself():
     assert "set $macula http://macula:8000;" in conf and "proxy_pass $macula;" in conf
 
 
-def test_each_replica_writes_its_own_audit_file():
-    """The override's entrypoint, as compose passes it ($$ → $) to /bin/sh, names the file after the container."""
-    entrypoint = load_compose("docker-compose.replicas.yml")["services"]["macula"]["entrypoint"]
-    assert entrypoint[:2] == ["/bin/sh", "-c"] and entrypoint[2].startswith("exec python -m service ")
-    script = entrypoint[2].replace("$$", "$").replace("exec python -m service", "printf '%s\\n'", 1)
-    args = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=True).stdout.split()
-    assert args == ["--audit-db", f"/data/macula_audit-{Path('/etc/hostname').read_text().strip()}.db"]
+def test_replicas_share_one_postgresql_audit_store():
+    """Every replica writes the one trail in the override's postgres service, which they wait for."""
+    replicas = load_compose("docker-compose.replicas.yml")
+    macula, postgres = replicas["services"]["macula"], replicas["services"]["postgres"]
+    url = macula["environment"]["MACULA_AUDIT_URL"]
+    match = re.fullmatch(r"postgresql://(\w+):\$\{AUDIT_DB_PASSWORD:\?[^}]+\}@postgres:5432/(\w+)", url)
+    assert match, url
+    assert (match[1], match[2]) == (postgres["environment"]["POSTGRES_USER"], postgres["environment"]["POSTGRES_DB"])
+    assert postgres["environment"]["POSTGRES_PASSWORD"].startswith("${AUDIT_DB_PASSWORD:?")   # no default password
+    assert macula["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert "ports" not in postgres                                       # reachable from the replicas only
+    (volume,) = postgres["volumes"]
+    assert volume.endswith(":/var/lib/postgresql/data") and volume.split(":")[0] in replicas["volumes"]
+    assert "entrypoint" not in macula                                    # no per-replica SQLite files any more
+    assert macula["environment"]["MACULA_AUDIT_DURABLE"] == "false"     # best-effort unless asked
 
 
 def test_an_unset_api_key_means_no_authentication(compose, tmp_path):

@@ -57,9 +57,10 @@ def test_every_variable_the_deployment_files_set_is_documented():
     assert set(VARIABLE.findall(DOC)) >= CONTAINER_ONLY
 
 
-def test_scale_section_says_the_audit_store_is_per_replica():
+def test_scale_section_explains_the_shared_audit_store():
     scale = section("Scale")
-    assert "per replica" in scale and "NFS" in scale
+    assert "MACULA_AUDIT_URL" in scale and "advisory lock" in scale and "NFS" in scale
+    assert "audit-db-secret.yaml" in scale and "AUDIT_DB_PASSWORD" in scale
     assert "docker-compose.replicas.yml" in scale and "kubectl apply -k deploy/k8s" in scale
 
 

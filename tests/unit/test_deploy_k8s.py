@@ -12,7 +12,7 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 API_VERSIONS = {"Deployment": "apps/v1", "Service": "v1", "HorizontalPodAutoscaler": "autoscaling/v2",
-                "PersistentVolumeClaim": "v1", "Kustomization": "kustomize.config.k8s.io/v1beta1"}
+                "PersistentVolumeClaim": "v1", "Secret": "v1", "Kustomization": "kustomize.config.k8s.io/v1beta1"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def env_of(container: dict) -> dict[str, str]:
 def test_every_yaml_in_the_directory_is_applied(objects):
     listed = set(yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"])
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert set(objects) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
+    assert set(objects) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PersistentVolumeClaim", "Secret"}
 
 
 def test_kinds_have_their_api_versions(objects):
@@ -98,8 +98,19 @@ def test_model_store_volume_is_the_pvc_mounted_read_only(objects, pod, container
     assert models["readOnly"] is True
     claim = volumes[models["name"]]["persistentVolumeClaim"]["claimName"]
     assert claim == objects["PersistentVolumeClaim"]["metadata"]["name"]
-    audit_dir = str(Path(env_of(container)["MACULA_AUDIT_DB"]).parent)
-    assert audit_dir in mounts and not mounts[audit_dir].get("readOnly")
+    assert "/data" in mounts and not mounts["/data"].get("readOnly")   # the image's working directory
+
+
+def test_every_replica_uses_the_shared_audit_store_from_the_secret(objects, container):
+    """N replicas, one PostgreSQL: the URL (with its password) comes from the Secret, never from the manifest."""
+    (source,) = [item["valueFrom"] for item in container["env"] if item["name"] == "MACULA_AUDIT_URL"]
+    ref = source["secretKeyRef"]
+    secret = objects["Secret"]
+    assert ref["name"] == secret["metadata"]["name"]
+    assert secret["stringData"][ref["key"]].startswith("postgresql://")
+    assert objects["Deployment"]["spec"]["replicas"] >= 2
+    assert objects["HorizontalPodAutoscaler"]["spec"]["minReplicas"] >= 2
+    assert env_of(container)["MACULA_AUDIT_DURABLE"] in ("true", "false")
 
 
 def test_prometheus_scrape_annotations_point_at_metrics(pod, container):
