@@ -269,13 +269,13 @@ class EagerPackage:
     """Stands in for a loaded package: the runner's model in the package's calling convention (float32)."""
 
     def __init__(self, runner: ModelRunner, form: str, scale: float = 1.0) -> None:
-        self.model, self.form, self.scale = runner.model, form, scale
+        self.features, self.form, self.scale = runner.model.forward_features, form, scale
 
     def __call__(self, x):
         if self.form == "forward":
-            return self.model.forward_features(x) * self.scale
+            return self.features(x) * self.scale
         maps = {}
-        features = self.model.forward_features(x, maps) * self.scale
+        features = self.features(x, maps) * self.scale
         return (features, *(m.spatial for m in maps.values()), *(m.channel for m in maps.values()))
 
 
@@ -329,3 +329,25 @@ def test_auto_times_the_forms_once_and_keeps_the_verdict(tmp_path, runner, monke
     runner.compiled, timed[:] = None, []
     compiler.load_cached()
     assert timed == [] and runner.serving_form == ("compiled" if verdict["pays"] else "eager")
+
+
+def test_a_checkpoint_with_a_detector_is_served_compiled_with_the_same_familiarity(tmp_path, monkeypatch):
+    """The compiled forms give the pooled features, which the unfamiliar-input detector needs too."""
+    from tests.calibrated import make_calibrated_checkpoint
+
+    runner = ModelRunner("shapes", make_calibrated_checkpoint(tmp_path / "shapes.safetensors"), device="cpu",
+                         amp_dtype="none")
+    assert runner.detector is not None
+    pixels = compiled.example_pixels(runner, 3)
+    eager = {attention: runner.run(pixels, attention=attention) for attention in (False, True)}
+    compiler, _ = make_compiler(tmp_path, runner)
+    with_packages(monkeypatch, compiler, runner)
+    compiler.load_cached()
+    assert set(runner.compiled.forms) == {"forward", "attention"}
+    calls = []
+    monkeypatch.setattr(runner.model, "forward_features", lambda *a: calls.append(a) or pytest.fail("eager"))
+    for attention, want in eager.items():
+        got = runner.run(pixels, attention=attention)
+        assert compiled._compare(want, got, 1e-6) is None
+        assert [g.familiar for g in got] == [w.familiar for w in want]
+        assert [g.familiarity for g in got] == pytest.approx([w.familiarity for w in want], abs=1e-5)
