@@ -27,7 +27,9 @@ SETTING_FLAGS = ("model_dir", "compile_cache", "device", "amp_dtype", "max_batch
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m service.compile", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m service.compile", description="Build the compiled serving forms "
+                                "(AOTInductor) of every checkpoint in a model dir ahead of time, into the compile "
+                                "cache the service loads them from. Exit status 1 if any form failed.",
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--model-dir", dest="model_dir", metavar="DIR", help="the model dir the service serves "
                    "(env MACULA_MODEL_DIR)")

@@ -236,6 +236,8 @@ def build(runner: ModelRunner, form: str, key: CompileKey, cache: CompileCache, 
 
 def load_package(path: Path, device: torch.device) -> Any:
     """The callable in an AOTInductor package (raises on a missing, truncated or foreign file)."""
+    if device.type == "cpu":  # the loader looks for a CUDA toolkit and warns that a CPU machine has none
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import torch._inductor
 
     index = device.index if device.type == "cuda" and device.index is not None else -1

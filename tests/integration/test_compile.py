@@ -31,7 +31,8 @@ DEMO = Path(__file__).parents[2] / "model_store" / "demo.safetensors"
 SERVICE = {"device": "cpu", "amp_dtype": "none", "max_batch_size": 4, "torch_threads": 1}
 PNG = {"Content-Type": "image/png"}
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio,
+              pytest.mark.skipif(shutil.which("g++") is None, reason="AOTInductor needs g++ (make system-deps)")]
 
 
 @pytest.fixture
