@@ -212,6 +212,8 @@ def build(runner: ModelRunner, form: str, key: CompileKey, cache: CompileCache, 
     with cache.locked(key, form):
         if target.exists() and not force:
             return target
+        for stale in cache.root.glob(f".{target.stem}.*.tmp.pt2"):  # a killed builder's; under the lock, no one's
+            stale.unlink(missing_ok=True)
         tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp.pt2")
         started = time.perf_counter()
         try:

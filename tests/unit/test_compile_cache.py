@@ -141,6 +141,8 @@ def test_replicas_sharing_a_cache_build_each_form_once(tmp_path, runner, monkeyp
     monkeypatch.setattr(compiled, "export_form", lambda *args: None)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_compile)
     cache = CompileCache(tmp_path)
+    killed = tmp_path / f".{cache.package(KEY, 'forward').stem}.99999.tmp.pt2"  # left by a builder killed mid-way
+    killed.write_bytes(b"half a package")
     results = []
     threads = [threading.Thread(target=lambda: results.append(build(runner, "forward", KEY, cache)))
                for _ in range(2)]
@@ -151,6 +153,7 @@ def test_replicas_sharing_a_cache_build_each_form_once(tmp_path, runner, monkeyp
     assert results == [cache.package(KEY, "forward")] * 2
     assert calls == [{"freezing": True, "cpp.threads": 2}]  # once, with the key's thread count
     assert cache.package(KEY, "forward").read_bytes() == b"package"
+    assert not killed.exists()
 
 
 def test_notes_in_an_unwritable_cache_are_skipped_not_raised(tmp_path):
