@@ -142,10 +142,15 @@ class CompileCache:
         return True
 
     def read_decision(self, key: CompileKey) -> dict[str, Any] | None:
+        """The kept ``auto`` verdict, or None (none yet, or unreadable: then it is measured again)."""
         try:
-            return json.loads(self.decision(key).read_text())
+            decision = json.loads(self.decision(key).read_text())
         except (OSError, ValueError):
             return None
+        valid = (isinstance(decision, dict) and isinstance(decision.get("pays"), bool)
+                 and all(isinstance(decision.get(k), int | float) and decision[k] > 0
+                         for k in ("eager_s", "compiled_s", "batch")))
+        return decision if valid else None
 
     def quarantine(self, path: Path) -> None:
         """Move an unloadable package aside (``.bad``), so the next build replaces it."""

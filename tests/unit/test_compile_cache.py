@@ -164,6 +164,16 @@ def test_notes_in_an_unwritable_cache_are_skipped_not_raised(tmp_path):
     assert CompileCache(tmp_path / "ok").write_atomic(CompileCache(tmp_path / "ok").decision(KEY), '{"pays": true}')
 
 
+@pytest.mark.parametrize("text", ["{", "[]", '{"pays": "yes", "eager_s": 1, "compiled_s": 1, "batch": 8}',
+                                  '{"pays": true, "eager_s": 1, "batch": 8}'])
+def test_a_mangled_verdict_is_measured_again(tmp_path, text):
+    cache = CompileCache(tmp_path)
+    cache.write_atomic(cache.decision(KEY), text)
+    assert cache.read_decision(KEY) is None
+    cache.write_atomic(cache.decision(KEY), '{"pays": false, "eager_s": 0.1, "compiled_s": 0.2, "batch": 8}')
+    assert cache.read_decision(KEY)["pays"] is False
+
+
 def test_without_packages_the_compiled_model_is_the_eager_one(runner):
     x = runner._to_device(np.zeros((2, *runner.input_shape), np.uint8))
     wrapper = CompiledModel(runner.model, ["layer1.0.cbam"])
