@@ -12,16 +12,20 @@ machine the fastest call is the steadier figure: the others include time the pro
 The checkpoint is ``bench.payload``'s random-weight one. The compile (both the export and the C++ build) and the
 package load are timed once; ``--cache DIR`` keeps the packages (and the checkpoint, whose version is part of the
 key) for a later run, where only the load is timed. With ``--attention`` the attention-returning forward is
-compiled and timed too.
+compiled and timed too. ``--busy-thread`` times both next to a pure-Python thread that wants the GIL all the
+time (``bench/gil_contention.py`` explains why eager suffers from one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +70,27 @@ def compare(runner: ModelRunner, model: CompiledModel, pixels: np.ndarray, atten
             "median_ratio": statistics.median(ratios)}
 
 
+@contextlib.contextmanager
+def busy_python_thread(enabled: bool) -> Iterator[None]:
+    """A pure-Python loop in another thread (an event loop under load, say): it wants the GIL all the time."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        count = 0
+        while not stop.is_set():
+            count += 1
+
+    thread = threading.Thread(target=spin, daemon=True)
+    if enabled:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if enabled:
+            thread.join()
+
+
 def build_forms(runner: ModelRunner, forms: list[str], cache: CompileCache, max_batch: int,
                 threads: int) -> tuple[CompiledModel, dict[str, float]]:
     key = compile_key(runner, max_batch, threads)
@@ -90,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--amp-dtype", default="bfloat16", choices=["bfloat16", "none"])
     p.add_argument("--attention", action="store_true", help="also compile and time the attention forward")
+    p.add_argument("--busy-thread", action="store_true", help="time next to a pure-Python thread that wants the "
+                   "GIL all the time: eager re-takes the GIL between ops, the compiled form runs in C++")
     p.add_argument("--cache", type=Path, help="compile cache to reuse (default: a temporary one)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
@@ -108,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     for batch in args.batch_sizes:
         pixels = compiled.example_pixels(runner, batch)
         for attention in [False, True] if args.attention else [False]:
-            row = {"batch": batch, "attention": attention,
-                   **compare(runner, model, pixels, attention, args.rounds, args.calls)}
+            with busy_python_thread(args.busy_thread):
+                row = {"batch": batch, "attention": attention, "busy_thread": args.busy_thread,
+                       **compare(runner, model, pixels, attention, args.rounds, args.calls)}
             rows.append(row)
             print(f"batch {batch:3d}{' +attention' if attention else '           '}: img/s best (median call) "
                   f"eager {row['eager_best_img_s']:.1f} ({row['eager_median_img_s']:.1f}), compiled "
