@@ -135,6 +135,13 @@ async def predict_all(client, attention: bool = True) -> list[dict]:
     return out
 
 
+def assert_same_familiarity(got: list[dict], want: list[dict]) -> None:
+    """The demo model carries an unfamiliar-input detector: it reads the compiled form's features."""
+    assert all("familiar" in g for g in got)
+    assert [g["familiar"] for g in got] == [w["familiar"] for w in want]
+    assert [g["familiarity"] for g in got] == pytest.approx([w["familiarity"] for w in want], abs=1e-3)
+
+
 def assert_same_masks(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want, strict=True):
         assert [a["module"] for a in g["attention"]] == [a["module"] for a in w["attention"]]
@@ -152,7 +159,7 @@ async def test_a_warm_cache_serves_compiled_from_the_start_without_compiling(bui
     async with serving(model_dir, tmp_path / "eager", **SERVICE, compile="off") as (_, client):
         assert await form_of(client) == "eager"
         eager = await predict_all(client)
-    monkeypatch.setattr(compiling.subprocess, "Popen", lambda *a, **k: pytest.fail("compiled again"))
+    monkeypatch.setattr(compiling.Compiler, "_build", lambda *a: pytest.fail("compiled again"))
     async with serving(model_dir, tmp_path, **SERVICE, compile="on", compile_cache=built[0]) as (app, client):
         assert await form_of(client) == "compiled"
         assert app.state.service.compiler.pending == []
@@ -160,6 +167,7 @@ async def test_a_warm_cache_serves_compiled_from_the_start_without_compiling(bui
         metrics = (await client.get("/metrics")).text
     assert_same_predictions(got, eager, atol=1e-3)
     assert_same_masks(got, eager)
+    assert_same_familiarity(got, eager)
     assert metric_samples(metrics, "macula_model_compiled") == {(("model", "demo"),): 1.0}
     assert metric_samples(metrics, "macula_compile_failures_total") == {}
 
@@ -194,7 +202,7 @@ async def test_a_first_start_serves_eager_and_swaps_the_compiled_form_in(built, 
 
 async def test_auto_times_once_and_keeps_its_verdict(built, model_dir, tmp_path, monkeypatch):
     cache = cache_copy(built, tmp_path)
-    monkeypatch.setattr(compiling.subprocess, "Popen", lambda *a, **k: pytest.fail("compiled again"))
+    monkeypatch.setattr(compiling.Compiler, "_build", lambda *a: pytest.fail("compiled again"))
     async with serving(model_dir, tmp_path, **SERVICE, compile="auto", compile_cache=cache) as (app, client):
         form = await form_of(client)
         metrics = (await client.get("/metrics")).text

@@ -24,6 +24,7 @@ from service.inference import ModelRunner
 from service.metrics import Metrics
 from service.settings import Settings
 
+DEMO = Path(__file__).parents[2] / "model_store" / "demo.safetensors"
 KEY = CompileKey(version="0123456789ab", scheme="features-v1", torch="2.14.1", device="cpu:x86_64:AVX2:avx2",
                  dtype="float32", memory_format="channels_last", max_batch=8, threads=2)
 
@@ -345,11 +346,9 @@ def test_auto_times_the_forms_once_and_keeps_the_verdict(tmp_path, runner, monke
 
 
 def test_a_checkpoint_with_a_detector_is_served_compiled_with_the_same_familiarity(tmp_path, monkeypatch):
-    """The compiled forms give the pooled features, which the unfamiliar-input detector needs too."""
-    from tests.calibrated import make_calibrated_checkpoint
-
-    runner = ModelRunner("shapes", make_calibrated_checkpoint(tmp_path / "shapes.safetensors"), device="cpu",
-                         amp_dtype="none")
+    """The compiled forms give the pooled features, which the unfamiliar-input detector needs too (the demo model
+    carries one)."""
+    runner = ModelRunner("demo", DEMO, device="cpu", amp_dtype="none")
     assert runner.detector is not None
     pixels = compiled.example_pixels(runner, 3)
     eager = {attention: runner.run(pixels, attention=attention) for attention in (False, True)}
