@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +73,7 @@ class ModelRunner:
         self.has_attention = bool(self.meta.arch.get("attention"))
         self.calibration = self.meta.calibration  # temperature and unfamiliar-input detector (models.familiarity)
         self.detector = self.calibration.detector if self.calibration is not None else None
+        self.compiled: Any = None  # service.compiled.CompiledModel once swapped in (on the inference thread)
         self.attention_modules: list[str] = []  # the attention maps' module names, known after the first forward
         self.attention_sizes: dict[str, tuple[int, int]] = {}  # their (h, w) at the model's input size, known then too
         pre = self.meta.preprocessing  # (x / 255 - mean) / std  ==  (x - 255 mean) / (255 std)
@@ -82,6 +84,11 @@ class ModelRunner:
     def precision(self) -> str:
         """``"bfloat16"`` / ``"float16"`` (autocast) or ``"float32"``: what this runner computes in."""
         return str(self.amp_dtype or torch.float32).removeprefix("torch.")
+
+    @property
+    def serving_form(self) -> str:
+        """``"compiled"`` once the compiled forward serves (service/compiled.py), else ``"eager"``."""
+        return "compiled" if self.compiled is not None and "forward" in self.compiled.forms else "eager"
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -110,16 +117,17 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward(self, inputs: np.ndarray, attention: bool) -> list[ImageResult]:
         x = self._to_device(inputs)
+        model = self.compiled or self.model  # the compiled forms (service/compiled.py) once swapped in
         features = None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             if self.detector is not None:  # the detector needs the penultimate features too
                 maps = {} if attention and self.has_attention else None
-                features = self.model.forward_features(x, maps)
-                logits, maps = self.model.fc(features), maps or {}
+                features = model.forward_features(x, maps)
+                logits, maps = model.fc(features), maps or {}
             elif attention and self.has_attention:
-                logits, maps = self.model.forward_with_attention(x)
+                logits, maps = model.forward_with_attention(x)
             else:
-                logits, maps = self.model(x), {}
+                logits, maps = model(x), {}
         if maps and not self.attention_modules:
             self.attention_sizes = {name: tuple(m.spatial.shape[-2:]) for name, m in maps.items()}
             self.attention_modules = list(maps)

@@ -72,6 +72,14 @@ class Metrics:
                                                ["model"], registry=r)
         self.model_info = Gauge("macula_model_info", "Served model (value is always 1)",
                                 ["name", "version", "arch", "attention"], registry=r)
+        # the compiled serving form (service/compiling.py)
+        self.model_compiled = Gauge("macula_model_compiled", "1 while the model's compiled forward serves, 0 while "
+                                    "eager", ["model"], registry=r)
+        self.compile_failures_total = Counter("macula_compile_failures", "Compiled forms that failed to build, load "
+                                              "or match eager (the model serves eager)", ["model", "stage"], registry=r)
+        self.compile_speedup_ratio = Gauge("macula_compile_speedup_ratio", "Eager / compiled forward time at the "
+                                           "batch cap, measured once per compile cache key (MACULA_COMPILE=auto)",
+                                           ["model"], registry=r)
 
     def _define_process_metrics(self) -> None:
         r = self.registry

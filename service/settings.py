@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     device: str = "auto"
     amp_dtype: Literal["bfloat16", "float16", "none"] = "bfloat16"
     channels_last: bool = True
+    compile: Literal["auto", "on", "off"] = "auto"  # the compiled serving form (service/compiled.py, docs/api.md)
+    compile_cache: Path | None = None  # default: MODEL_DIR/.compile-cache
     torch_threads: int | None = Field(None, ge=1)
     decode_threads: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1)
@@ -68,6 +70,9 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def compile_cache_dir(self) -> Path:
+        return self.compile_cache or self.model_dir / ".compile-cache"
 
     def batch_limits(self, device: str) -> tuple[int, float]:
         """(max_batch_size, max_batch_delay_s): the configured values, else the device's measured defaults."""

@@ -22,6 +22,7 @@ from . import formatting
 from .audit.factory import build_store, input_keeper
 from .batching import Batcher, DeadlineExceeded
 from .codec import DecodedImage, ImageTooLarge, finish, probe
+from .compiling import Compiler
 from .decoding import DecodePool, Share
 from .inference import ImageResult, ModelRunner
 from .metrics import Metrics
@@ -82,6 +83,7 @@ class Service:
         self.decode_pool = DecodePool(settings.decode_workers(), budget_bytes=settings.decode_memory_bytes)
         self.audit = build_store(settings, metrics)            # the audit trail: service/audit
         self.keep_input = input_keeper(settings, self.audit)   # MACULA_AUDIT_INPUTS, made in the decode step
+        self.compiler = Compiler(settings, metrics, max_batch=self.max_batch_size)
         self.ready = False
         self.draining = False
         self.drain_expired = False  # True shortly before the drain timeout: answer everything now
@@ -110,6 +112,7 @@ class Service:
                                max_delay=self.max_batch_delay, max_queue=self.settings.max_queue,
                                timeout_s=self.settings.request_timeout_s, torch_threads=threads, metrics=self.metrics)
         self.batcher.start()
+        self.compiler.bind(list(self.runners.values()), self.batcher.call, threads)
 
     def _pick_default(self) -> str:
         wanted = self.settings.default_model
@@ -123,11 +126,13 @@ class Service:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self.load)
+        await asyncio.to_thread(self.compiler.load_cached)  # a warm compile cache: compiled before warm-up
         for runner in self.runners.values():
             await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
         await asyncio.to_thread(self.audit.start)   # opens (and migrates) the database: not on the event loop
         self.ready = True
         self.metrics.set_ready(True)
+        self.compiler.start_background()  # forms not in the cache: built aside, swapped in when ready
         log.info("ready: %d model(s) on %s, batches up to %d, delay %.1f ms", len(self.runners), self.device,
                  self.max_batch_size, 1000 * self.max_batch_delay)
 
@@ -163,6 +168,7 @@ class Service:
 
     async def stop(self) -> None:
         self.begin_drain()
+        await asyncio.to_thread(self.compiler.stop)
         if self.batcher is not None:
             finished = await asyncio.to_thread(self.batcher.stop, self.settings.drain_timeout_s)
             if not finished:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 from models import Preprocessing, create_model, save_checkpoint
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Services started by tests serve eager unless a test asks for the compiled form (tests/*/test_compile*.py): a
+# background compile per started service would cost CI minutes. Child processes inherit this too.
+os.environ.setdefault("MACULA_COMPILE", "off")
 
 
 def make_checkpoint(path: Path, *, arch: str = "resnet20", attention: str | None = "cbam", num_classes: int = 10,

@@ -67,15 +67,23 @@ def torchserve(ckpt: Path, name: str, port: int, work: Path, batch: BatchConfig)
                   f"{base}/predictions/{name}", cwd=work)
 
 
+# Unless MACULA_COMPILE=off, the compile cache is built first (python -m service.compile, as docs/operations.md
+# advises for deploys): otherwise the service would build its compiled forms in the background during the run
+# and the load would measure a mix of eager, compiling and compiled.
+MACULA_START = ('if [ "${MACULA_COMPILE:-auto}" != off ]; then "$0" -m service.compile --model-dir "$1" >&2 || true; '
+                'fi; exec "$0" -m service --model-dir "$1" --port "$2"')
+
+
 def macula(ckpt: Path, name: str, port: int, work: Path, batch: BatchConfig) -> Launch:
-    """Macula with its out-of-the-box settings (its own per-device batch defaults; MACULA_* env passes through)."""
+    """Macula with its out-of-the-box settings (its own per-device batch defaults; MACULA_* env passes through),
+    its compile cache built before it starts."""
     model_dir = work / "model_store"
     model_dir.mkdir(parents=True, exist_ok=True)
     link = model_dir / f"{name}.safetensors"
     link.unlink(missing_ok=True)
     link.symlink_to(ckpt.resolve())
     base = f"http://127.0.0.1:{port}"
-    return Launch(_python("service", "--model-dir", str(model_dir), "--port", str(port)),
+    return Launch(["sh", "-c", MACULA_START, sys.executable, str(model_dir), str(port)],
                   f"{base}/readyz", f"{base}/v1/models/{name}/predict", cwd=work)
 
 

@@ -19,6 +19,7 @@ def describe(runner: ModelRunner) -> dict[str, Any]:
     return {"name": runner.name, "version": meta.version, "arch": meta.arch["name"],
             "attention": meta.arch.get("attention"), "num_classes": meta.num_classes, "classes": meta.class_names,
             "input_size": list(pre.input_size), "color": pre.color, "precision": runner.precision,
+            "serving_form": runner.serving_form,
             "preprocessing": {"resize_mode": pre.resize_mode, "resize_size": pre.resize_size,
                               "mean": list(pre.mean), "std": list(pre.std)},
             "training": meta.training}
