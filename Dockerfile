@@ -46,6 +46,16 @@ RUN pip install . && pip check
 # ---- runtime: the venv, a non-root user, and the service as the entrypoint ------------------------------------------
 FROM base AS runtime
 ARG UID=10001
+# g++ lets MACULA_COMPILE=auto build the compiled serving form (AOTInductor) into /data/compile-cache on the
+# serving host's CPU (the form is specific to its instruction set); build with --build-arg COMPILER=none for an
+# image without it, which serves eager unless a prebuilt cache is mounted (docs/operations.md, "Compiled serving").
+ARG COMPILER=g++
+# hadolint ignore=DL3008
+RUN if [ "${COMPILER}" != none ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends "${COMPILER}" \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 RUN groupadd --system --gid "${UID}" macula \
     && useradd --system --uid "${UID}" --gid "${UID}" --no-create-home --shell /usr/sbin/nologin macula \
     && mkdir -p /models /data \
@@ -58,7 +68,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     MACULA_HOST=0.0.0.0 \
     MACULA_PORT=8000 \
     MACULA_MODEL_DIR=/models \
-    MACULA_AUDIT_DB=/data/macula_audit.db
+    MACULA_AUDIT_DB=/data/macula_audit.db \
+    MACULA_COMPILE_CACHE=/data/compile-cache
 WORKDIR /data
 VOLUME ["/models", "/data"]
 # Numeric, so that Kubernetes runAsNonRoot can verify it without reading /etc/passwd.

@@ -123,3 +123,15 @@ def test_dockerignore_keeps_venvs_runs_data_and_git_out():
               if kind == "COPY" and not arg.startswith("--") for source in shlex.split(arg)[:-1]}
     assert copied == {"pyproject.toml", "README.md", "models", "service", "training"}
     assert not copied & ignored
+
+
+def test_runtime_can_build_the_compiled_form_into_the_writable_data_volume(dockerfile):
+    """MACULA_COMPILE=auto needs a C++ compiler and a writable cache; /data is the user's volume."""
+    stage = runtime(dockerfile)
+    args = dict(a.split("=", 1) for kind, a in stage if kind == "ARG" and "=" in a)
+    assert args.get("COMPILER") == "g++"
+    assert any(kind == "RUN" and '"${COMPILER}"' in a and "apt-get install" in a for kind, a in stage)
+    env = " ".join(a for kind, a in stage if kind == "ENV")
+    cache = re.search(r"MACULA_COMPILE_CACHE=(\S+)", env)
+    assert cache and cache.group(1).startswith("/data/")
+    assert any(kind == "VOLUME" and "/data" in a for kind, a in stage)
