@@ -75,6 +75,7 @@ ERRORS: dict[type[Exception], str] = {
     batching.QueueFull: "overloaded",
     batching.DeadlineExceeded: "deadline_exceeded",
     batching.InferenceFailed: "internal_error",
+    batching.Unavailable: "not_ready",
     state.ModelNotFound: "model_not_found",
     state.InvalidParameter: "invalid_parameter",
     state.NotReady: "not_ready",
@@ -106,11 +107,13 @@ class ErrorBody(BaseModel):
     code: str
 
 
-def error_response(code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(code: str, detail: str, headers: dict[str, str] | None = None, *,
+                   extra: dict[str, Any] | None = None) -> JSONResponse:
+    """The error body ``{"detail", "code"}`` (plus ``extra`` fields, e.g. readiness's ``reason``)."""
     rule = CODES[code]
     if rule.retry_after:
         headers = {"Retry-After": "1", **(headers or {})}
-    return JSONResponse({"detail": detail, "code": code}, status_code=rule.status, headers=headers)
+    return JSONResponse({"detail": detail, "code": code, **(extra or {})}, status_code=rule.status, headers=headers)
 
 
 def classify(exc: BaseException) -> tuple[str, str, dict[str, str] | None]:

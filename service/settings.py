@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     amp_dtype: Literal["bfloat16", "float16", "none"] = "bfloat16"
     channels_last: bool = True
     torch_threads: int | None = Field(None, ge=1)
+    inference_process: bool = True  # run the models in a worker process of their own (service/worker.py)
     decode_threads: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1)
     max_batch_delay_ms: float | None = Field(None, ge=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -24,6 +25,7 @@ from .batching import Batcher, DeadlineExceeded
 from .codec import DecodedImage, ImageTooLarge, finish, probe
 from .decoding import DecodePool, Share
 from .inference import ImageResult, ModelRunner
+from .inference_process import InferenceProcess
 from .metrics import Metrics
 from .settings import Settings
 
@@ -43,8 +45,10 @@ class InvalidParameter(Exception):
 
 
 class NotReady(Exception):
-    def __init__(self, detail: str = "the service is not ready (starting up or shutting down)") -> None:
+    def __init__(self, detail: str = "the service is not ready (starting up or shutting down)",
+                 reason: str = "starting") -> None:
         super().__init__(detail)
+        self.reason = reason
 
 
 class MasksTooLarge(Exception):
@@ -82,6 +86,10 @@ class Service:
         self.decode_pool = DecodePool(settings.decode_workers(), budget_bytes=settings.decode_memory_bytes)
         self.audit = build_store(settings, metrics)            # the audit trail: service/audit
         self.keep_input = input_keeper(settings, self.audit)   # MACULA_AUDIT_INPUTS, made in the decode step
+        self.process: InferenceProcess | None = None  # the inference worker (settings.inference_process)
+        self.status = "starting"  # what the start is doing now (readiness reason)
+        self.start_error: BaseException | None = None
+        self._start_task: asyncio.Task | None = None
         self.ready = False
         self.draining = False
         self.drain_expired = False  # True shortly before the drain timeout: answer everything now
@@ -90,44 +98,76 @@ class Service:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def load(self) -> None:
-        """Load every checkpoint (blocking; run it in a thread) and start the inference thread."""
-        paths = find_checkpoints(self.settings.model_dir)
+    def begin_start(self) -> asyncio.Task:
+        """Start loading in the background (the port opens meanwhile; /readyz says why it is not ready yet)."""
+        self._start_task = asyncio.ensure_future(self.start())
+        self._start_task.add_done_callback(self._started)
+        return self._start_task
+
+    async def wait_started(self) -> None:
+        """Return once ready; raise what stopped the start."""
+        await asyncio.shield(self._start_task)
+
+    def _started(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.start_error = task.exception()
+            log.error("the service could not start: %s", self.start_error, exc_info=self.start_error)
+
+    async def start(self) -> None:
+        """Load and warm up every model, in the inference worker process (``inference_process``) or on the
+        inference thread, so that one thread only ever runs torch (docs/benchmarks.md says why); then serve."""
+        self._loop = asyncio.get_running_loop()
+        paths = await asyncio.to_thread(find_checkpoints, self.settings.model_dir)
         if not paths:
             raise FileNotFoundError(f"no *.safetensors checkpoints in {self.settings.model_dir}")
-        for name, path in paths.items():
-            self.runners[name] = ModelRunner(name, path, device=self.device, amp_dtype=self.settings.amp_dtype,
-                                             channels_last=self.settings.channels_last)
-            meta = self.runners[name].meta
-            self.metrics.set_model_info(name, meta.version, meta.arch["name"], meta.arch.get("attention"))
-            log.info("loaded model %r (%s, version %s, %s) from %s", name, meta.arch["name"], meta.version,
-                     self.runners[name].precision, path)
-        self.default_model = self._pick_default()
-        threads = self.settings.torch_threads or torch.get_num_threads()
-        self.batcher = Batcher(self._run_batch, list(self.runners), max_size=self.max_batch_size,
+        self.default_model = self._pick_default(list(paths))
+        in_process = self.settings.inference_process
+        threads = None if in_process else self.settings.torch_threads or torch.get_num_threads()
+        self.batcher = Batcher(self._run_batch, list(paths), max_size=self.max_batch_size,
                                max_delay=self.max_batch_delay, max_queue=self.settings.max_queue,
                                timeout_s=self.settings.request_timeout_s, torch_threads=threads, metrics=self.metrics)
         self.batcher.start()
-
-    def _pick_default(self) -> str:
-        wanted = self.settings.default_model
-        if wanted is not None:
-            if wanted not in self.runners:
-                raise ValueError(f"default model {wanted!r} is not in {self.settings.model_dir} "
-                                 f"(found: {', '.join(self.runners)})")
-            return wanted
-        return "demo" if "demo" in self.runners else min(self.runners)
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.load)
-        for runner in self.runners.values():
-            await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
+        if in_process:
+            self.process = InferenceProcess(self.settings, paths, metrics=self.metrics, on_change=self._publish_ready)
+            self.process.start()
+            self.runners = await asyncio.to_thread(self.process.wait_ready)
+        else:
+            await self._load_in_thread(paths)
+        for name, runner in self.runners.items():
+            meta = runner.meta
+            self.metrics.set_model_info(name, meta.version, meta.arch["name"], meta.arch.get("attention"))
+            log.info("loaded model %r (%s, version %s, %s) from %s", name, meta.arch["name"], meta.version,
+                     runner.precision, runner.path)
+        self.status = "opening the audit store"
         await asyncio.to_thread(self.audit.start)   # opens (and migrates) the database: not on the event loop
         self.ready = True
-        self.metrics.set_ready(True)
-        log.info("ready: %d model(s) on %s, batches up to %d, delay %.1f ms", len(self.runners), self.device,
-                 self.max_batch_size, 1000 * self.max_batch_delay)
+        self._publish_ready()
+        log.info("ready: %d model(s) on %s%s, batches up to %d, delay %.1f ms", len(self.runners), self.device,
+                 " in the inference worker process" if in_process else "", self.max_batch_size,
+                 1000 * self.max_batch_delay)
+
+    async def _load_in_thread(self, paths: dict[str, Path]) -> None:
+        """Load and warm up on the batcher's inference thread: the only thread that ever runs torch here."""
+        for name, path in paths.items():
+            self.status = f"loading: model {name!r}"
+            load = functools.partial(ModelRunner, name, path, device=self.device, amp_dtype=self.settings.amp_dtype,
+                                     channels_last=self.settings.channels_last)
+            self.runners[name] = await asyncio.wrap_future(self.batcher.call(load))
+        for name, runner in self.runners.items():
+            self.status = f"warming up: model {name!r}"
+            await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
+
+    def _pick_default(self, names: list[str]) -> str:
+        wanted = self.settings.default_model
+        if wanted is not None:
+            if wanted not in names:
+                raise ValueError(f"default model {wanted!r} is not in {self.settings.model_dir} "
+                                 f"(found: {', '.join(names)})")
+            return wanted
+        return "demo" if "demo" in names else min(names)
+
+    def _publish_ready(self) -> None:
+        self.metrics.set_ready(self.accepting)
 
     def begin_drain(self) -> None:
         """Stop taking new work (SIGTERM): readiness goes 503 at once; accepted requests still finish, and those
@@ -161,10 +201,14 @@ class Service:
 
     async def stop(self) -> None:
         self.begin_drain()
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()  # still loading: nothing was accepted yet
         if self.batcher is not None:
             finished = await asyncio.to_thread(self.batcher.stop, self.settings.drain_timeout_s)
             if not finished:
                 log.error("inference queue not drained within %.0f s", self.settings.drain_timeout_s)
+        if self.process is not None:
+            await asyncio.to_thread(self.process.stop)
         await asyncio.to_thread(self.audit.close, 10.0)
         self.decode_pool.shutdown()
 
@@ -172,12 +216,25 @@ class Service:
 
     @property
     def accepting(self) -> bool:
-        return self.ready and not self.draining
+        return self.ready and not self.draining and (self.process is None or self.process.ready)
+
+    def not_ready_reason(self) -> tuple[str, str]:
+        """(reason, what is going on, for a human) while not accepting: the reason is one of ``loading``,
+        ``warming up``, ``starting``, ``restarting``, ``failed``, ``draining``."""
+        if self.draining:
+            return "draining", "draining: the service is shutting down"
+        if self.start_error is not None:
+            return "failed", f"the service could not start: {self.start_error}"
+        process = self.process
+        status = process.reason if process is not None and process.state != "ready" else self.status
+        if process is not None and process.state == "restarting":
+            return "restarting", status
+        return status.split(":")[0] if status.startswith(("loading", "warming up")) else "starting", status
 
     def check_accepting(self) -> None:
         if not self.accepting:
-            raise NotReady("draining: the service is shutting down" if self.draining else
-                           "loading models: the service is starting up")
+            reason, detail = self.not_ready_reason()
+            raise NotReady(detail, reason)
 
     def runner(self, name: str | None) -> ModelRunner:
         name = name or self.default_model

@@ -1,0 +1,161 @@
+"""The inference worker: a process of its own that loads the models and runs every forward in its main thread.
+
+    python -m service.worker --socket-fd FD --parent-pid PID      (started by the server, never by hand)
+
+Why a process (docs/benchmarks.md has the measurements): libgomp, torch's OpenMP runtime, keeps one thread team
+per thread that ever ran a parallel op, and once the process holds more OpenMP threads than there are cores it
+stops spinning between parallel regions, so in a server whose loader and inference threads both touched torch
+every one of the hundreds of ops in a forward ends with its helper threads asleep and starts with a futex
+wake-up. Here only the main thread ever runs torch (one team), and no other Python thread (event loop, decoders,
+audit writer) competes with it for the GIL between ops.
+
+It speaks :mod:`service.wire` on the socket the server passed: CONFIG in, STATUS while loading and warming up,
+READY with the shared memory, then RUN/RESULT (or FAILED) per batch. It leaves with the server: on STOP, at the
+end of the stream (the server exited or was killed), and by ``PR_SET_PDEATHSIG`` where Linux offers it (even
+while it is busy loading). SIGINT and SIGTERM are ignored: a Ctrl-C or a signal to the process group must not
+end it before the server has drained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import wire
+from .inference import ModelRunner
+from .settings import Settings
+from .wire import FAILURE, RESULT, RUN, Kind, Layout, ModelLayout, PeerGone, receive, receive_json, send, send_json
+
+log = logging.getLogger("service.worker")
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when the server dies; exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no prctl: the end of the stream still ends it
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        sys.exit(0)
+
+
+def describe(runner: ModelRunner) -> dict:
+    """What the server needs to know of a loaded model (JSON)."""
+    meta = runner.meta
+    return {"path": str(runner.path), "precision": runner.precision, "has_attention": runner.has_attention,
+            "attention_modules": runner.attention_modules,
+            "attention_sizes": {k: list(v) for k, v in runner.attention_sizes.items()},
+            "meta": {"arch": meta.arch, "class_names": meta.class_names, "version": meta.version,
+                     "preprocessing": asdict(meta.preprocessing),
+                     "training": meta.training, "extra": meta.extra}}
+
+
+def layout_for(runners: dict[str, ModelRunner], max_batch: int) -> Layout:
+    models = {name: ModelLayout(runner.input_shape, runner.meta.num_classes,
+                                tuple((m, *runner.attention_sizes[m]) for m in runner.attention_modules))
+              for name, runner in runners.items()}
+    return Layout(max_batch, models)
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, settings: Settings, checkpoints: dict[str, str]) -> None:
+        self.sock, self.settings = sock, settings
+        self.device = settings.resolved_device()
+        self.max_batch = settings.batch_limits(self.device)[0]
+        self.checkpoints = checkpoints
+        self.runners: dict[str, ModelRunner] = {}
+
+    def load(self) -> None:
+        """Load and warm up every model, in this (the main) thread, reporting progress."""
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        for name, path in self.checkpoints.items():
+            send_json(self.sock, Kind.STATUS, {"state": "loading", "model": name})
+            self.runners[name] = ModelRunner(name, Path(path), device=self.device,
+                                             amp_dtype=self.settings.amp_dtype,
+                                             channels_last=self.settings.channels_last)
+        for name, runner in self.runners.items():
+            send_json(self.sock, Kind.STATUS, {"state": "warming up", "model": name})
+            runner.warm_up(self.max_batch)
+
+    def serve(self) -> None:
+        """Announce the models and the shared memory, then run batches until STOP or the end of the stream."""
+        self.layout = layout_for(self.runners, self.max_batch)
+        fd, self.buffer = wire.shared_memory(self.layout.size)
+        self.names = list(self.runners)
+        send_json(self.sock, Kind.READY, {"pid": os.getpid(), "layout": self.layout.to_json(), "models": {
+            name: describe(runner) for name, runner in self.runners.items()}}, fds=(fd,))
+        os.close(fd)  # the mapping keeps the memory; the server holds its own descriptor now
+        while True:
+            kind, body, _ = receive(self.sock)
+            if kind is Kind.STOP:
+                return
+            if kind is not Kind.RUN:
+                raise ValueError(f"unexpected message {kind.name} while serving")
+            self.run(*RUN.unpack(body))
+
+    def run(self, index: int, n: int, attention: int) -> None:
+        name = self.names[index]
+        start = time.perf_counter_ns()
+        try:
+            results = self.runners[name].run(self.layout.inputs(self.buffer, name, n), bool(attention))
+        except Exception as exc:  # noqa: BLE001 - reported to the server, whose batcher splits the batch
+            oom = isinstance(exc, torch.OutOfMemoryError)
+            send(self.sock, Kind.FAILED, FAILURE.pack(oom) + repr(exc)[:4000].encode(errors="replace"))
+            return
+        elapsed = time.perf_counter_ns() - start
+        scores = self.layout.scores(self.buffer, name, n)
+        masks = self.layout.masks(self.buffer, name, n) if attention else {}
+        for i, result in enumerate(results):
+            scores[i] = result.scores
+            for module, out in masks.items():
+                out[i] = result.masks[module]
+        send(self.sock, Kind.RESULT, RESULT.pack(n, elapsed, *self._cuda_memory()))
+
+    def _cuda_memory(self) -> tuple[int, int]:
+        if not self.device.startswith("cuda"):
+            return 0, 0
+        return torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service.worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--socket-fd", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    die_with_parent(args.parent_pid)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    os.set_inheritable(args.socket_fd, False)  # nothing this process starts may keep the server's socket open
+    sock = socket.socket(fileno=args.socket_fd)
+    try:
+        kind, body, _ = receive(sock)
+        if kind is not Kind.CONFIG:
+            raise ValueError(f"expected CONFIG, got {kind.name}")
+        config = receive_json(body)
+        settings = Settings(**config["settings"])
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        worker = Worker(sock, settings, config["checkpoints"])
+        try:
+            worker.load()
+        except Exception as exc:  # noqa: BLE001 - the server reports it and stops starting
+            send_json(sock, Kind.START_FAILED, {"type": type(exc).__name__, "message": str(exc)})
+            raise SystemExit(1) from None
+        worker.serve()
+    except PeerGone:
+        pass  # the server is gone: so are we
+
+
+if __name__ == "__main__":
+    main()
