@@ -17,11 +17,14 @@ install: $(VENV)/.installed
 
 # Debian packages the tests need: promtool (`prometheus`) for the metrics/config checks, wrk for the load
 # benchmarks, the PostgreSQL server binaries (`postgresql`: initdb/pg_ctl in /usr/lib/postgresql/*/bin) for the
-# audit-store tests, which start a throwaway server of their own.
+# audit-store tests, which start a throwaway server of their own, and chromium for the browser tests
+# (tests/e2e/test_audit_page.py drives Debian's chromium through Playwright, no browser download).
 system-deps:
 	@missing=""; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

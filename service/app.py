@@ -23,7 +23,7 @@ from .auth import require_api_key
 from .codec import treat_bomb_warnings_as_errors
 from .limits import BodyGuard
 from .metrics import Metrics
-from .routers import docs, health, models, predict, torchserve, v2
+from .routers import audit_page, docs, health, models, predict, torchserve, v2
 from .settings import Settings
 from .state import NotReady, Service
 
@@ -122,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router, dependencies=secured, responses=errors.responses(401, 422))
     app.include_router(audit.router, dependencies=secured, responses=errors.responses(400, 401, 404, 422, 503))
     app.include_router(v2.router, dependencies=secured)  # the Open Inference Protocol: errors are {"error": ...}
+    audit_page.install(app, secured)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes, read_timeout_s=settings.read_timeout_s)
     handler = app.state.error_handler = errors.install(app, metrics)
     app.add_middleware(DrainGuard, service=service, respond=handler.respond)

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import batching, codec, inputs, limits, state
+from . import batching, codec, inputs, limits, overlay, state
 from .audit import interface as audit
 from .metrics import Metrics
 
@@ -44,6 +44,7 @@ CODES: dict[str, Rule] = {
     "not_found": Rule(404, "not_found"),
     "model_not_found": Rule(404, "not_found"),
     "prediction_not_found": Rule(404, "not_found"),
+    "mask_not_found": Rule(404, "not_found"),
     "image_not_found": Rule(404, "not_found"),
     "method_not_allowed": Rule(405, "bad_input"),
     "request_timeout": Rule(408, "read_timeout"),
@@ -81,6 +82,8 @@ ERRORS: dict[type[Exception], str] = {
     state.NotReady: "not_ready",
     state.MasksTooLarge: "response_too_large",
     state.ClientGone: "client_gone",
+    overlay.MaskNotFound: "mask_not_found",
+    overlay.OverlayError: "invalid_parameter",
     audit.StoreUnavailable: "audit_unavailable",
     audit.InvalidQuery: "invalid_parameter",
 }

@@ -257,7 +257,8 @@ class Service:
         (``request_timeout_s`` from now) covers decoding, queueing and inference; ``until_gone`` returns when the
         client has left (its queued images are then skipped: :class:`ClientGone`)."""
         started, deadline = time.perf_counter(), time.monotonic() + self.settings.request_timeout_s
-        self.check_accepting()
+        if not self.ready:  # draining is no reason here: the route accepted this request (check_accepting) before
+            raise NotReady("loading models: the service is starting up")  # the signal, while its body was read
         runner = self.runner(model)
         k = self._top_k(runner, top_k)
         work = asyncio.ensure_future(self._classify(runner, blobs, attention and runner.has_attention,

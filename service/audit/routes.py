@@ -21,7 +21,8 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ServiceError, responses
-from .interface import InvalidQuery, Summary
+from ..routers.query import strict
+from .interface import Summary
 from .query import DEFAULT_LIMIT, MAX_LIMIT, Filters, parse_time
 from .sql import EXPORT_PAGE
 from .store import AuditStore
@@ -34,19 +35,6 @@ CSV_COLUMNS = ("id", "created_at", "created_at_iso", "model", "version", "route"
 FILTERS = ("model", "version", "label", "min_score", "max_score", "since", "until")
 
 
-def _strict(*allowed: str):
-    """Refuse, by name, a query parameter the route does not take (``?lable=cat`` must not select everything),
-    or one given twice."""
-
-    def check(request: Request) -> None:
-        names = [name for name, _ in request.query_params.multi_items()]
-        for name in names:
-            if name not in allowed:
-                raise InvalidQuery(f"unknown query parameter {name!r}; this route takes {', '.join(allowed)}")
-            if names.count(name) > 1:
-                raise InvalidQuery(f"query parameter {name!r} is given more than once")
-
-    return Depends(check)
 
 
 def _store(request: Request) -> AuditStore:
@@ -66,7 +54,7 @@ def _filters(model: str | None = Query(None, max_length=200, description="model 
 
 
 @router.get("/predictions", summary="Search predictions, newest first (keyset-paginated)",
-            dependencies=[_strict(*FILTERS, "limit", "cursor")], responses=responses(401, 422, 503))
+            dependencies=[strict(*FILTERS, "limit", "cursor")], responses=responses(401, 422, 503))
 async def search(request: Request, filters: Filters = Depends(_filters),
                  limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT),
                  cursor: str | None = Query(None, max_length=400, description="next_cursor of the previous page"),
@@ -75,8 +63,14 @@ async def search(request: Request, filters: Filters = Depends(_filters),
     return {"items": [item.to_json() for item in page.items], "next_cursor": page.next_cursor}
 
 
+EXPORT_CONTENT = {200: {"description": "one JSON object per prediction (jsonl) or one CSV row per image (csv)",
+                        "content": {"application/x-ndjson": {"schema": {"type": "string"}},
+                                    "text/csv": {"schema": {"type": "string"}}}}}
+
+
 @router.get("/predictions/export", summary="Stream every prediction a search selects (JSON lines or CSV)",
-            dependencies=[_strict(*FILTERS, "format")], responses=responses(401, 422, 503))
+            dependencies=[strict(*FILTERS, "format")], response_class=StreamingResponse,
+            responses={**EXPORT_CONTENT, **responses(401, 422, 503)})
 async def export(request: Request, filters: Filters = Depends(_filters),
                  format: Literal["jsonl", "csv"] = Query("jsonl")) -> StreamingResponse:
     store = _store(request)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from ..errors import responses
 from ..inputs import read_images
 from ..state import InvalidParameter, ServiceDep, wait_disconnect
+from .query import refuse_unknown
 
 PARAMETERS = ("top_k", "attention", "attention_size")
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
@@ -27,14 +28,9 @@ PREDICT_ERRORS = responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
 
 def strict_query(request: Request) -> None:
-    """Refuse, by name, a query parameter these routes do not take (``?topk=3`` must not be silently ignored), one
-    given twice, or a ``top_k`` that is not a plain integer (``3.0``; pydantic alone would accept it)."""
-    names = [name for name, _ in request.query_params.multi_items()]
-    for name in names:
-        if name not in PARAMETERS:
-            raise InvalidParameter(f"unknown query parameter {name!r}; this route takes {', '.join(PARAMETERS)}")
-        if names.count(name) > 1:
-            raise InvalidParameter(f"query parameter {name!r} is given more than once")
+    """Refuse a query parameter these routes do not take, one given twice (:mod:`.query`), or a ``top_k`` that is
+    not a plain integer (``3.0``; pydantic alone would accept it)."""
+    refuse_unknown(request, PARAMETERS)
     top_k = request.query_params.get("top_k")
     if top_k is not None and not (top_k.isascii() and top_k.isdigit()):
         raise InvalidParameter(f"top_k must be a whole number, got {top_k!r}")

@@ -11,22 +11,12 @@ import pytest
 
 from service.audit import open_backend
 from tests.integration.audit_pg import postgres_cluster
-from tests.integration.service_testing import image_bytes, metric_samples, model_dir_with, noise_image, serving
+from tests.integration.service_testing import image_bytes, metric_samples, noise_image, serving
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 CLIENTS = 6
 OUTAGE_S = 1.5
 RECOVERED_S = 4.0   # after the restart: past the writer's longest backoff (2 s) and a reconnect, with margin
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 @pytest.fixture(scope="module")

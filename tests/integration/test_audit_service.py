@@ -16,11 +16,6 @@ from tests.integration.service_testing import image_bytes, model_dir_with, noise
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, gray_checkpoint, rgb_checkpoint):
     return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint, rgb=rgb_checkpoint)

@@ -11,20 +11,10 @@ import struct
 
 import numpy as np
 import pytest
-from service_testing import image_bytes, metric_samples, model_dir_with, noise_image, serving
+from service_testing import image_bytes, metric_samples, noise_image, serving
 
 pytestmark = pytest.mark.anyio
 INFER = "/v2/models/gray/infer"
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 def header(count: int, **input_parameters) -> dict:

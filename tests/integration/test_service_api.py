@@ -19,11 +19,6 @@ from models import load_checkpoint
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, gray_checkpoint, rgb_checkpoint):
     return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint, rgb=rgb_checkpoint)

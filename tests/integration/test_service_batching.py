@@ -9,20 +9,10 @@ import time
 
 import numpy as np
 import pytest
-from service_testing import assert_same_predictions, image_bytes, metric_samples, model_dir_with, noise_image, serving
+from service_testing import assert_same_predictions, image_bytes, metric_samples, noise_image, serving
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 class Blocked:

@@ -7,15 +7,9 @@ import json
 import socket
 from urllib.parse import urlsplit
 
-import pytest
-from service_testing import image_bytes, live_server, model_dir_with, noise_image
+from service_testing import image_bytes, live_server, noise_image
 
 READ_TIMEOUT_S = 1.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 def connect(base: str) -> socket.socket:

@@ -13,20 +13,10 @@ import subprocess
 
 import pytest
 from PIL import Image
-from service_testing import image_bytes, live_server, model_dir_with, noise_image, serving
+from service_testing import image_bytes, live_server, noise_image, serving
 from skimage import data
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 PNG = image_bytes(Image.new("L", (8, 8), 128))

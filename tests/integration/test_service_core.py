@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from PIL import Image
-from service_testing import image_bytes, metric_samples, model_dir_with, noise_image, serving
+from service_testing import image_bytes, metric_samples, noise_image, serving
 
 from service import inputs
 from service import state as state_module
@@ -17,16 +17,6 @@ from service.state import Service, get_service
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 def rejections(text: str) -> dict[str, float]:

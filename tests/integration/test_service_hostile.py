@@ -10,15 +10,10 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from service_testing import image_bytes, metric_samples, model_dir_with, noise_image, serving
+from service_testing import image_bytes, metric_samples, noise_image, serving
 
 pytestmark = pytest.mark.anyio
 BODY_LIMIT = 200_000
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
 
 
 def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
@@ -102,11 +97,6 @@ CASES = {
                                                                         "Content-Length": "12abc"}}, 400,
                            "bad_request"),
 }
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 async def test_hostile_inputs_get_the_right_4xx_and_the_server_stays_healthy(model_dir, tmp_path):

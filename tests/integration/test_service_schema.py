@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_testing import live_server, model_dir_with, serving
+from service_testing import live_server, serving
 
 from service.errors import CODES
 
@@ -19,16 +19,6 @@ pytestmark = pytest.mark.anyio
 # Every check but positive_data_acceptance: no schema can say "the bytes of a decodable JPEG/PNG/WebP", so a
 # schema-valid body of random bytes is rightly refused (400/415/422). The stateful checks need links we do not have.
 EXCLUDED = "positive_data_acceptance"
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, gray_checkpoint):
-    return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint)
 
 
 async def test_every_route_declares_its_error_statuses_with_the_real_model(model_dir, tmp_path):
