@@ -10,7 +10,8 @@ the server's inference thread; ``process``: the default inference worker process
 round after round, times in turn: the raw forward (``ModelRunner.run`` on the benchmark JPEG's pixels, batch 1,
 in this script's main thread: the only thread here that runs torch), and ``--requests`` sequential requests to
 each server (client latency, and the server's own ``macula_inference_duration_seconds`` over those requests).
-``--before TREE`` adds
+``--form NAME:KEY=VALUE,...``
+adds a server with those environment variables (``--form spin0:MACULA_OMP_SPIN_COUNT=0``); ``--before TREE`` adds
 the form ``before``: the ``service`` package of another checkout (an older commit) with its default settings.
 On a busy machine the speed drifts from minute to minute, so the figure to read is each round's ratio of the
 in-server forward to the raw forward, medianed over rounds.
@@ -106,7 +107,8 @@ def measure_model(key: str, args: argparse.Namespace, jpeg_path: Path) -> dict:
     raw_forward_ms(runner, pixels, 3)  # warm-up
     servers = {}
     rounds: list[dict] = []
-    forms = dict(FORMS) | ({"before": {"PYTHONPATH": str(args.before)}} if args.before else {})
+    forms = {name: env for name, env in FORMS.items() if name in args.forms} | dict(args.form)
+    forms |= {"before": {"PYTHONPATH": str(args.before)}} if args.before else {}
     try:
         for i, (form, env) in enumerate(forms.items()):
             launch = macula(ckpt, key, args.port + i, (args.out / "work" / f"{form}-{key}").resolve(),
@@ -165,6 +167,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_form(text: str) -> tuple[str, dict[str, str]]:
+    name, _, env = text.partition(":")
+    return name, dict(pair.split("=", 1) for pair in env.split(",") if pair)
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", type=lambda s: s.split(","), default=["resnet18", "resnet50"])
@@ -174,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--load-seconds", type=float, default=8.0)
     p.add_argument("--port", type=int, default=8300)
     p.add_argument("--before", type=Path, help="a checkout whose service package runs as the form 'before'")
+    p.add_argument("--forms", type=lambda s: s.split(","), default=list(FORMS), help=f"of {', '.join(FORMS)}")
+    p.add_argument("--form", type=parse_form, action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="one more server with these environment variables (repeatable)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "lone_client")
     args = p.parse_args(argv)
     args.out = args.out.resolve()

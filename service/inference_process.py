@@ -95,6 +95,20 @@ def _remote_model(name: str, info: dict[str, Any], process: InferenceProcess) ->
                        process)
 
 
+def worker_environment(settings: Settings) -> dict[str, str]:
+    """Environment defaults for the worker (the server's own environment wins over them).
+
+    ``GOMP_SPINCOUNT`` (``omp_spin_count``): how long torch's OpenMP helper threads spin before they sleep after a
+    parallel op. The gaps between the ops of an eager forward are ~10 µs typically, 99 % under ~0.2 ms: 10 000 spins
+    keep the helpers awake through most of them, so a lone request's forward is not slowed by hundreds of futex
+    wake-ups. libgomp's own default (300 000, ~3 ms) keeps them spinning long after every op, which on a machine
+    with more busy threads than cores burns the core the other helper waits for; 0 sleeps at once (the right
+    choice there). docs/benchmarks.md has the measurements."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return {}
+    return {"GOMP_SPINCOUNT": str(settings.omp_spin_count)}
+
+
 class _Connection:
     """One running worker: its process, socket, shared memory and layout."""
 
@@ -262,8 +276,8 @@ class InferenceProcess:
         """Start a worker and follow its start-up until READY (models loaded and warmed up)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         command = [*self.command, "--socket-fd", str(theirs.fileno()), "--parent-pid", str(os.getpid())]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT),
-                                                                          os.environ.get("PYTHONPATH")]))}
+        env = {**worker_environment(self.settings), **os.environ}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
         try:
             proc = subprocess.Popen(command, pass_fds=[theirs.fileno()], env=env)
         finally:

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     channels_last: bool = True
     torch_threads: int | None = Field(None, ge=1)
     inference_process: bool = True  # run the models in a worker process of their own (service/worker.py)
+    omp_spin_count: int = Field(10_000, ge=0)  # the worker's GOMP_SPINCOUNT (unless the environment sets one)
     decode_threads: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1)
     max_batch_delay_ms: float | None = Field(None, ge=0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 import uuid
@@ -114,8 +113,8 @@ class Service:
             log.error("the service could not start: %s", self.start_error, exc_info=self.start_error)
 
     async def start(self) -> None:
-        """Load and warm up every model, in the inference worker process (``inference_process``) or on the
-        inference thread, so that one thread only ever runs torch (docs/benchmarks.md says why); then serve."""
+        """Load and warm up every model, in the inference worker process (``inference_process``, where the forward
+        runs at its raw speed: docs/benchmarks.md) or in this process; then serve."""
         self._loop = asyncio.get_running_loop()
         paths = await asyncio.to_thread(find_checkpoints, self.settings.model_dir)
         if not paths:
@@ -147,12 +146,12 @@ class Service:
                  1000 * self.max_batch_delay)
 
     async def _load_in_thread(self, paths: dict[str, Path]) -> None:
-        """Load and warm up on the batcher's inference thread: the only thread that ever runs torch here."""
+        """Load in a helper thread, warm up on the inference thread (``inference_process=false``)."""
         for name, path in paths.items():
             self.status = f"loading: model {name!r}"
-            load = functools.partial(ModelRunner, name, path, device=self.device, amp_dtype=self.settings.amp_dtype,
-                                     channels_last=self.settings.channels_last)
-            self.runners[name] = await asyncio.wrap_future(self.batcher.call(load))
+            self.runners[name] = await asyncio.to_thread(
+                ModelRunner, name, path, device=self.device, amp_dtype=self.settings.amp_dtype,
+                channels_last=self.settings.channels_last)
         for name, runner in self.runners.items():
             self.status = f"warming up: model {name!r}"
             await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))

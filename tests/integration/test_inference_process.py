@@ -205,19 +205,3 @@ async def test_readiness_says_why_while_loading_and_the_port_is_open_meanwhile(m
         assert health.status_code == 200
         assert predict.status_code == 503 and predict.json()["code"] == "not_ready"
         assert ready.status_code == 200
-
-
-async def test_thread_mode_loads_on_the_inference_thread(model_dir, tmp_path, monkeypatch):
-    import threading
-
-    threads = []
-    real_init = ModelRunner.__init__
-
-    def recording_init(self, *args, **kwargs):
-        threads.append(threading.current_thread().name)
-        real_init(self, *args, **kwargs)
-
-    monkeypatch.setattr(ModelRunner, "__init__", recording_init)
-    async with serving(model_dir, tmp_path):
-        pass
-    assert threads == ["macula-inference", "macula-inference"]
