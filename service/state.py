@@ -250,23 +250,24 @@ class Service:
         return await self.decode_pool.run(self.decode_pool.share(), fn, *args)
 
     async def predict(self, model: str | None, blobs: Sequence[bytes], *, route: str, top_k: int | None = None,
-                      attention: bool = False, original_size: bool = False,
+                      attention: bool = False, original_size: bool = False, modules: Sequence[str] | None = None,
                       until_gone: Callable[[], Awaitable[Any]] | None = None) -> Prediction:
         """Classify ``blobs`` (encoded images) with ``model`` (None: the default). The request's deadline
         (``request_timeout_s`` from now) covers decoding, queueing and inference; ``until_gone`` returns when the
-        client has left (its queued images are then skipped: :class:`ClientGone`)."""
+        client has left (its queued images are then skipped: :class:`ClientGone`). ``modules``: return only these
+        attention modules' masks (implies ``attention``)."""
         started, deadline = time.perf_counter(), time.monotonic() + self.settings.request_timeout_s
         if not self.ready:  # draining is no reason here: the route accepted this request (check_accepting) before
             raise NotReady("loading models: the service is starting up")  # the signal, while its body was read
         runner = self.runner(model)
-        k = self._top_k(runner, top_k)
+        k, modules = self._top_k(runner, top_k), self.select_modules(runner, modules)
+        attention = attention or modules is not None
         work = asyncio.ensure_future(self._classify(runner, blobs, attention and runner.has_attention,
-                                                    original_size and attention, deadline))
+                                                    original_size and attention, deadline, modules))
         images, results = await _first_of(work, until_gone)
         items = formatting.predictions(runner, images, results, k=k, attention=attention)
-        if attention:  # PNG encoding is CPU work: off the event loop
-            items = await self.in_pool(formatting.with_masks, runner, images, results, items, original_size,
-                                       self.settings.max_mask_side)
+        if attention:
+            await self._add_masks(images, results, items, original_size, modules)
         prediction = Prediction(runner, images, results, items, k)
         await self._record(formatting.audit_record(prediction, route=route, started=started),
                            [image.kept for image in images])
@@ -278,6 +279,31 @@ class Service:
         (503 ``audit_unavailable``)."""
         await self.audit.save(record, inputs)
 
+    async def _add_masks(self, images: list[DecodedImage], results: list[ImageResult], items: list[dict[str, Any]],
+                         original_size: bool, modules: list[str] | None) -> None:
+        """Fill each item's attention entries: PNG encoding is CPU work, spread over the decode pool's threads."""
+        share = self.decode_pool.share()
+        jobs = formatting.mask_jobs(images, results, original_size=original_size, modules=modules,
+                                    max_side=self.settings.max_mask_side)
+        done = await asyncio.gather(*(asyncio.gather(*(self.decode_pool.run(share, fn, *args) for fn, args in image))
+                                      for image in jobs))
+        for item, parts in zip(items, done, strict=True):
+            item["attention"] = [entry for part in parts for entry in part]
+
+    @staticmethod
+    def select_modules(runner: ModelRunner, modules: Sequence[str] | None) -> list[str] | None:
+        """The attention modules asked for, checked against the model's, in network order (None: all of them)."""
+        if modules is None:
+            return None
+        known = runner.attention_modules if runner.has_attention else []
+        if not known:
+            raise InvalidParameter(f"model {runner.name!r} has no attention modules; leave out 'modules'")
+        for name in modules:
+            if name not in known:
+                raise InvalidParameter(f"unknown attention module {name!r} in 'modules'; model {runner.name!r} has: "
+                                       f"{', '.join(known)}")
+        return [name for name in known if name in modules]
+
     @staticmethod
     def _top_k(runner: ModelRunner, top_k: int | None) -> int:
         classes = runner.meta.num_classes
@@ -288,7 +314,8 @@ class Service:
         return top_k
 
     async def _classify(self, runner: ModelRunner, blobs: Sequence[bytes], attention: bool, original_size: bool,
-                        deadline: float) -> tuple[list[DecodedImage], list[ImageResult]]:
+                        deadline: float, modules: list[str] | None = None
+                        ) -> tuple[list[DecodedImage], list[ImageResult]]:
         """Reserve queue room, decode within the deadline, check the mask budget, queue, await the results."""
         self.batcher.reserve(runner.name, len(blobs))
         try:
@@ -299,7 +326,7 @@ class Service:
                 raise DeadlineExceeded(f"the request's deadline ({self.settings.request_timeout_s:g} s) passed "
                                        "while its images were being decoded") from None
             if original_size:
-                self._check_mask_budget(runner, images)
+                self._check_mask_budget(images, len(modules) if modules is not None else len(runner.attention_modules))
         except BaseException:
             self.batcher.release(runner.name, len(blobs))
             raise
@@ -337,16 +364,16 @@ class Service:
         self.metrics.observe_preprocess(runner.name, seconds)
         return decoded
 
-    def _check_mask_budget(self, runner: ModelRunner, images: list[DecodedImage]) -> None:
+    def _check_mask_budget(self, images: list[DecodedImage], modules: int) -> None:
         side = self.settings.max_mask_side
         pixels = sum(formatting.capped_size(img.width, img.height, side)[0] *
                      formatting.capped_size(img.width, img.height, side)[1] for img in images)
-        total = pixels * len(runner.attention_modules)
+        total = pixels * modules
         if total > self.settings.max_mask_bytes:
             raise MasksTooLarge(f"attention_size=original would return {total >> 20} MiB of masks "
-                                f"({len(runner.attention_modules)} modules x {len(images)} images); the limit is "
-                                f"{self.settings.max_mask_bytes >> 20} MiB: send fewer or smaller images, or use "
-                                "attention_size=feature")
+                                f"({modules} modules x {len(images)} images); the limit is "
+                                f"{self.settings.max_mask_bytes >> 20} MiB: send fewer or smaller images, ask for "
+                                "fewer modules, or use attention_size=feature")
 
 
 def _probe(data: bytes, max_pixels: int, pre: Any) -> Any:

@@ -31,11 +31,6 @@ POISON_WORKER = [sys.executable, str(Path(__file__).with_name("poison_worker.py"
 SETTINGS = {"device": "cpu", "amp_dtype": "none", "max_batch_size": 4, "audit_db": ""}
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, gray_checkpoint, rgb_checkpoint):
     return model_dir_with(tmp_path_factory.mktemp("models"), gray=gray_checkpoint, rgb=rgb_checkpoint)
