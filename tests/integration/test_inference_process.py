@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from service_testing import assert_same_predictions, image_bytes, metric_samples, model_dir_with, noise_image, serving
 
 from models import CheckpointError
@@ -73,6 +74,25 @@ def test_worker_answers_like_the_model_in_this_process(gray_checkpoint, rgb_chec
                         assert list(g.masks) == local.attention_modules == remote.attention_modules
                         for module, mask in w.masks.items():
                             assert np.abs(g.masks[module].astype(int) - mask).max() <= 1
+    finally:
+        process.stop()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_worker_on_cuda_answers_like_the_cpu_runner_and_reports_its_memory(rgb_checkpoint):
+    metrics = Metrics()
+    process = InferenceProcess(Settings(**{**SETTINGS, "device": "cuda"}), {"rgb": rgb_checkpoint}, metrics=metrics)
+    process.start()
+    try:
+        process.wait_ready(300)
+        local = ModelRunner("rgb", rgb_checkpoint, amp_dtype="none")
+        x = pixels(local.input_shape, 4, seed=5)
+        for want, got in zip(local.run(x, True), process.run("rgb", x, True), strict=True):
+            np.testing.assert_allclose(got.scores, want.scores, atol=2e-3)  # TF32 convolutions on the GPU
+            assert list(got.masks) == list(want.masks)
+        memory = metric_samples(metrics.render()[0].decode(), "macula_gpu_memory_bytes")
+        assert memory[(("device", "cuda"), ("kind", "allocated"))] > 0
     finally:
         process.stop()
 
