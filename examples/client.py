@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from matplotlib import colormaps
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 def classify(image: Path, url: str, model: str | None, top_k: int, api_key: str | None) -> dict:
@@ -34,17 +34,21 @@ def classify(image: Path, url: str, model: str | None, top_k: int, api_key: str 
     return response.json()
 
 
-def overlay(image: Image.Image, mask_png: str, alpha: float = 0.5) -> Image.Image:
-    """The mask (8-bit, at its module's resolution) stretched over the image in the 'jet' colormap.
+def overlay(image: Image.Image, mask_png: str, input_box: list[int] | None = None, alpha: float = 0.5) -> Image.Image:
+    """The mask (8-bit, at its module's resolution) in the 'jet' colormap, stretched over ``input_box``.
 
-    The mask covers what the model saw: the whole image for a model that stretches its input (the demo
-    model does), the centre crop for one that crops.
+    The mask covers what the model saw, the prediction's ``input_box`` ([x0, y0, x1, y1) in the image's pixels):
+    the whole image for a model that stretches its input (the demo model does), the centre crop for one that
+    crops. Outside the box the image is left as it is: the model saw nothing there.
     """
     scale = max(1, 384 // max(image.size))  # enlarge small inputs (the 48x48 canvases) so they can be seen
+    x0, y0, x1, y1 = (v * scale for v in (input_box or (0, 0, image.width, image.height)))
     image = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
-    mask = Image.open(io.BytesIO(base64.b64decode(mask_png))).resize(image.size, Image.Resampling.BILINEAR)
-    heat = colormaps["jet"](np.asarray(mask) / 255.0)[..., :3]  # (H, W, 3) floats in [0, 1]
-    return Image.blend(image, Image.fromarray((heat * 255).astype(np.uint8)), alpha)
+    mask = Image.open(io.BytesIO(base64.b64decode(mask_png))).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
+    heat = Image.fromarray((colormaps["jet"](np.asarray(mask) / 255.0)[..., :3] * 255).astype(np.uint8))
+    out = image.copy()
+    out.paste(Image.blend(image.crop((x0, y0, x1, y1)), heat, alpha), (x0, y0))
+    return out
 
 
 def main() -> None:
@@ -62,12 +66,15 @@ def main() -> None:
     print(f"prediction {answer['id']} by {answer['model']['name']} (version {answer['model']['version']})")
     for entry in prediction["top_k"]:
         print(f"  {entry['label']:>12}  {entry['score']:.4f}")
+    if "familiar" in prediction:  # models whose checkpoint carries an unfamiliar-input detector
+        verdict = "yes" if prediction["familiar"] else "NO: unlike the training data, do not trust the label"
+        print(f"  familiar: {verdict} (familiarity {prediction['familiarity']:.3f})")
     if not prediction.get("attention"):
         print("this model has no attention modules: no overlay")
         return
     last = prediction["attention"][-1]
     out = args.out or Path(f"{args.image.stem}-attention.png")
-    overlay(Image.open(args.image), last["png"]).save(out)
+    overlay(ImageOps.exif_transpose(Image.open(args.image)), last["png"], prediction.get("input_box")).save(out)
     print(f"attention of {last['module']} ({last['height']}x{last['width']}) over the image: {out}")
 
 

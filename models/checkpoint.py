@@ -9,6 +9,7 @@ safetensors ``__metadata__`` (string → string) carries JSON for everything els
     class_names       ["0", "1", ...]
     preprocessing     {"input_size": [H, W], "resize_mode", "resize_size", "mean", "std", "color"}
     training          free-form summary (dataset, epochs, accuracy, ...)
+    calibration       optional: softmax temperature and unfamiliar-input detector (models.familiarity)
     <extra>           any other keyword given to save_checkpoint, JSON-encoded
 
 No pickle is ever read. The model's version is the first 12 hex digits of the file's sha256.
@@ -29,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .familiarity import Calibration
 from .registry import create_model, list_models
 
 FORMAT = "macula.checkpoint"
@@ -89,6 +91,7 @@ class CheckpointMetadata:
     version: str
     training: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None  # absent in checkpoints written before it existed
 
     @property
     def num_classes(self) -> int:
@@ -123,7 +126,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, class_names: list[str],
                     preprocessing: Preprocessing | None = None, training: dict[str, Any] | None = None,
-                    **extra: Any) -> str:
+                    calibration: Calibration | None = None, **extra: Any) -> str:
     """Write ``model`` (built by ``create_model``) to ``path`` atomically; returns the version."""
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
@@ -139,6 +142,8 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, *, class_names: l
         "training": json.dumps(training or {}),
         **{key: json.dumps(value) for key, value in extra.items()},
     }
+    if calibration is not None:
+        metadata["calibration"] = json.dumps(calibration.to_json())
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return file_version(path)
@@ -159,12 +164,14 @@ def _parse_metadata(path: Path, raw: dict[str, str]) -> CheckpointMetadata:
         raise CheckpointError(f"{path}: format_version {raw['format_version']} is newer than this code "
                               f"({FORMAT_VERSION})")
     try:
-        known = {"format", "format_version", "arch", "class_names", "preprocessing", "training"}
+        known = {"format", "format_version", "arch", "class_names", "preprocessing", "training", "calibration"}
+        calibration = json.loads(raw["calibration"]) if "calibration" in raw else None
         meta = CheckpointMetadata(
             arch=json.loads(raw["arch"]), class_names=json.loads(raw["class_names"]),
             preprocessing=Preprocessing.from_dict(json.loads(raw.get("preprocessing", "{}"))),
             version=file_version(path), training=json.loads(raw.get("training", "{}")),
-            extra={k: json.loads(v) for k, v in raw.items() if k not in known})
+            extra={k: json.loads(v) for k, v in raw.items() if k not in known},
+            calibration=Calibration.from_json(calibration) if calibration is not None else None)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: malformed metadata: {exc}") from exc
     if meta.arch.get("name") not in list_models():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import AttentionMap, AttentionModule, BamVariant, make_attention
+from .initialisation import Init, initialise
 
 Stem = Literal["imagenet", "cifar"]
 Maps = dict[str, AttentionMap] | None
@@ -102,11 +103,16 @@ Block = type[BasicBlock] | type[Bottleneck]
 
 
 class ResNet(nn.Module):
-    """A ResNet of ``len(layers)`` stages; ``attention`` is ``None``, ``"bam"`` or ``"cbam"``."""
+    """A ResNet of ``len(layers)`` stages; ``attention`` is ``None``, ``"bam"`` or ``"cbam"``.
+
+    ``init`` picks the starting weights (``"macula"`` or the authors' ``"official"`` rule) and
+    ``zero_init_residual`` starts every block as its shortcut: see :mod:`models.initialisation`.
+    """
 
     def __init__(self, block: Block, layers: Sequence[int], *, widths: Sequence[int] = (64, 128, 256, 512),
                  num_classes: int = 1000, stem: Stem = "imagenet", attention: str | None = None,
-                 bam_variant: BamVariant = "paper", in_chans: int = 3, shortcut: str = "conv") -> None:
+                 bam_variant: BamVariant = "paper", in_chans: int = 3, shortcut: str = "conv",
+                 init: Init = "macula", zero_init_residual: bool = False) -> None:
         super().__init__()
         if attention not in (None, "bam", "cbam"):
             raise ValueError(f"attention must be None, 'bam' or 'cbam', got {attention!r}")
@@ -128,7 +134,7 @@ class ResNet(nn.Module):
                 self.add_module(f"bam{i + 1}", make_attention("bam", self.cin, bam_variant=bam_variant))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.cin, num_classes)
-        self._init_weights()
+        initialise(self, init, zero_init_residual=zero_init_residual)
         for name, module in self.named_modules():
             if isinstance(module, AttentionModule):
                 module.map_key = name
@@ -147,25 +153,27 @@ class ResNet(nn.Module):
         blocks += [block(cout, planes, attention=attention) for _ in range(1, depth)]
         return nn.Sequential(*blocks)
 
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def _forward(self, x: Tensor, maps: Maps) -> Tensor:
+    def _features(self, x: Tensor, maps: Maps) -> Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for i in range(1, self.num_stages + 1):
             for block in getattr(self, f"layer{i}"):
                 x = block(x, maps)
             bam = getattr(self, f"bam{i}", None)
             x = x if bam is None else bam(x, maps)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def _forward(self, x: Tensor, maps: Maps) -> Tensor:
+        return self.fc(self._features(x, maps))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(x, None)
+
+    def forward_features(self, x: Tensor, maps: dict[str, AttentionMap] | None = None) -> Tensor:
+        """The pooled penultimate features ``(N, C)``: ``model(x) == model.fc(model.forward_features(x))``.
+
+        With a ``maps`` dict, every attention module's masks are written into it (as ``forward_with_attention``).
+        """
+        return self._features(x, maps)
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, dict[str, AttentionMap]]:
         """Logits (identical to ``forward``) and every module's masks, in network order."""

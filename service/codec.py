@@ -16,6 +16,10 @@ pipeline never sees:
 * Large JPEGs are decoded at reduced scale (``Image.draft``, DCT scaling) but never below 4× the size the
   model needs, so the final antialiased resize still sees ≥ 4× the pixels (at 2× the DCT scaling showed
   through: up to 0.26 after normalisation vs the full decode; at 4×, ≤ 0.055, mostly one grey level).
+
+Each decoded image also carries ``input_box``: the region of the original (EXIF-rotated) image that the model's
+input shows, computed by :func:`input_box` from the very resize and crop that :func:`to_pixels` applies (on the
+drafted image, then scaled back by the draft's exact factor). Attention masks cover that region and nothing else.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import base64
 import hashlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -52,6 +56,7 @@ class DecodedImage:
     height: int
     sha256: str
     nbytes: int
+    input_box: tuple[int, int, int, int]  # what the model saw: [x0, y0, x1, y1) in original pixels (see input_box)
     kept: Any = None  # what the audit store keeps of the input (service.audit.inputs), if anything
 
 
@@ -131,14 +136,19 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return img
 
 
-def _draft_for(img: Image.Image, pre: Preprocessing) -> None:
-    """Ask the JPEG decoder for a DCT-scaled image no smaller than 4× what the resize needs."""
+def _draft_for(img: Image.Image, pre: Preprocessing) -> int:
+    """Ask the JPEG decoder for a DCT-scaled image no smaller than 4× what the resize needs; returns the factor
+    (1, 2, 4 or 8) by which the decoded image is smaller: its pixel x covers the original's [x·f, (x+1)·f)."""
     if img.format != "JPEG":
-        return
+        return 1
     needed = DRAFT_MARGIN * max(*pre.input_size, pre.resize_size if pre.resize_mode == "center_crop" else 0)
     scale = needed / min(img.size)
-    if scale < 0.5:
-        img.draft("L" if pre.color == "L" else "RGB", (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+    if scale >= 0.5:
+        return 1
+    width = img.width
+    drafted = img.draft("L" if pre.color == "L" else "RGB",
+                        (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+    return 1 if drafted is None else round(width / drafted[1][2])  # Pillow's box: the original's size, scaled
 
 
 @dataclass
@@ -151,6 +161,7 @@ class Opened:
     height: int
     cost: int
     orientation_known: bool = True
+    draft_factor: int = 1  # the decoded image is this many times smaller than the original (JPEG draft)
 
 
 def _header_orientation(img: Image.Image) -> int | None:
@@ -169,11 +180,11 @@ def probe(data: bytes, *, max_pixels: int, pre: Preprocessing) -> Opened:
         orientation = _header_orientation(img)
         swaps = orientation in (5, 6, 7, 8)
         width, height = (img.height, img.width) if swaps else (img.width, img.height)
-        _draft_for(img, pre)
+        factor = _draft_for(img, pre)
     except Exception as exc:  # noqa: BLE001
         raise UndecodableImage(f"cannot read image header: {type(exc).__name__}") from None
     cost = _decode_cost(img, pre.color, rotates=orientation in range(2, 9))
-    return Opened(img, width, height, cost, orientation_known=orientation is not None)
+    return Opened(img, width, height, cost, orientation_known=orientation is not None, draft_factor=factor)
 
 
 def _decode_cost(img: Image.Image, color: str, *, rotates: bool) -> int:
@@ -241,6 +252,40 @@ def _resize_size(w: int, h: int, pre: Preprocessing) -> tuple[int, int]:
     return (pre.resize_size, new_long) if w <= h else (new_long, pre.resize_size)
 
 
+def _half_up(value: float) -> int:
+    return math.floor(value + 0.5)
+
+
+def _crop_start(size: int, out: int) -> int:
+    """Where torchvision's CenterCrop starts along one axis of ``size`` pixels: round((size - out) / 2), or, when
+    the crop is larger, minus the zero padding it adds before that side ((out - size) // 2)."""
+    return -((out - size) // 2) if out > size else int(round((size - out) / 2.0))
+
+
+def input_box(size: tuple[int, int], pre: Preprocessing, *, factor: int = 1,
+              original: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+    """The region of the original image that the model's input shows: ``(x0, y0, x1, y1)`` in original pixels,
+    x1/y1 exclusive (``[x0:x1]`` slices it), each edge rounded to the nearest whole pixel (halves up).
+
+    ``size`` is the (w, h) of the image :func:`to_pixels` resizes: the original, or the JPEG draft ``factor``
+    times smaller (``original`` then gives the original's (w, h), which the edges are clipped to). Follows the
+    resize and centre crop exactly (crop offsets in resized pixels, mapped back by the resize's scale); "stretch"
+    shows the whole image. Where the crop is larger than the resized image (zero padding) the box is the image's
+    whole extent along that axis.
+    """
+    width, height = size
+    full_w, full_h = original or (width * factor, height * factor)
+    (rw, rh), (out_h, out_w) = _resize_size(width, height, pre), pre.input_size
+    left, top = (0, 0) if pre.resize_mode == "stretch" else (_crop_start(rw, out_w), _crop_start(rh, out_h))
+    right, bottom = (rw, rh) if pre.resize_mode == "stretch" else (left + out_w, top + out_h)
+
+    def edge(v: int, resized: int, decoded: int, full: int) -> int:
+        return min(_half_up(min(max(v, 0), resized) * decoded / resized * factor), full)
+
+    return (edge(left, rw, width, full_w), edge(top, rh, height, full_h),
+            edge(right, rw, width, full_w), edge(bottom, rh, height, full_h))
+
+
 def _center_crop(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """torchvision's CenterCrop on an (H, W[, C]) array: zero-pad when too small, then crop round((H - h) / 2)."""
     h, w = arr.shape[:2]
@@ -249,7 +294,7 @@ def _center_crop(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
         pads = [(pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)] + [(0, 0)] * (arr.ndim - 2)
         arr = np.pad(arr, pads)
         h, w = arr.shape[:2]
-    top, left = int(round((h - out_h) / 2.0)), int(round((w - out_w) / 2.0))
+    top, left = _crop_start(h, out_h), _crop_start(w, out_w)
     return arr[top:top + out_h, left:left + out_w]
 
 
@@ -262,7 +307,7 @@ def _crop_box(img: Image.Image, resized: tuple[int, int], pre: Preprocessing) ->
     (rw, rh), (ch, cw) = resized, pre.input_size
     if pre.resize_mode != "center_crop" or cw > rw or ch > rh or rw > img.width or rh > img.height:
         return None  # padding, or an upscale (cheap anyway; there the box path can differ by 2 grey levels)
-    top, left = int(round((rh - ch) / 2.0)), int(round((rw - cw) / 2.0))
+    top, left = _crop_start(rh, ch), _crop_start(rw, cw)
     sx, sy = img.width / rw, img.height / rh
     return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
 
@@ -301,9 +346,10 @@ def finish(opened: Opened, data: bytes, pre: Preprocessing,
     makes what the audit store keeps of the input (a thumbnail of the decoded, EXIF-rotated image)."""
     img = decode_opened(opened, pre)
     width, height = (opened.width, opened.height) if opened.orientation_known else img.size  # PNG: never drafted
+    box = input_box(img.size, pre, factor=opened.draft_factor, original=(width, height))
     pixels = to_pixels(img, pre)
     kept = None if keep is None else keep(img, data)
-    return DecodedImage(pixels, width, height, hashlib.sha256(data).hexdigest(), len(data), kept)
+    return DecodedImage(pixels, width, height, hashlib.sha256(data).hexdigest(), len(data), box, kept)
 
 
 def png_base64(mask: np.ndarray, compress_level: int = 6) -> str:
@@ -313,6 +359,22 @@ def png_base64(mask: np.ndarray, compress_level: int = 6) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """A uint8 mask resized (bilinear) to an image's size, for overlays."""
-    return np.asarray(Image.fromarray(mask, mode="L").resize((width, height), Image.Resampling.BILINEAR))
+def scaled_box(box: Sequence[float], original: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` (original pixels) in the pixels of a ``canvas`` (w, h) copy of the original: edges scaled, rounded
+    (halves up) and clipped to the canvas, never empty. The service's original-size masks and the overlays
+    (service/overlay.py; the auditor's page does the same in overlay.js) all place a mask with it."""
+    (width, height), (sx, sy) = canvas, (canvas[0] / original[0], canvas[1] / original[1])
+    x0, y0 = min(max(_half_up(box[0] * sx), 0), width - 1), min(max(_half_up(box[1] * sy), 0), height - 1)
+    x1, y1 = min(max(_half_up(box[2] * sx), x0 + 1), width), min(max(_half_up(box[3] * sy), y0 + 1), height)
+    return x0, y0, x1, y1
+
+
+def place_mask(mask: np.ndarray, box: tuple[int, int, int, int], original: tuple[int, int],
+               canvas: tuple[int, int]) -> np.ndarray:
+    """A uint8 (h, w) mask over a ``canvas`` (w, h) copy of the original image: resized (bilinear) into
+    ``box`` (the model's view, original pixels, scaled to the canvas), 0 everywhere else."""
+    x0, y0, x1, y1 = scaled_box(box, original, canvas)
+    out = np.zeros((canvas[1], canvas[0]), np.uint8)
+    resized = Image.fromarray(mask, mode="L").resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
+    out[y0:y1, x0:x1] = np.asarray(resized)
+    return out

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from models import fold_batchnorm, load_checkpoint
+from models.familiarity import detector_scores, familiarity, is_familiar, probabilities
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
 
@@ -52,8 +53,10 @@ def prepare_for_serving(model: nn.Module, device: torch.device, dtype: torch.dty
 class ImageResult:
     """One image's output: softmax scores and, when asked, each attention module's spatial map as uint8."""
 
-    scores: np.ndarray  # float32 (num_classes,)
+    scores: np.ndarray  # float32 (num_classes,): softmax(logits / T), T the checkpoint's temperature (else 1)
     masks: dict[str, np.ndarray] | None = None  # module name -> uint8 (h, w) = round(255 * spatial)
+    familiar: bool | None = None  # None: the checkpoint carries no unfamiliar-input detector
+    familiarity: float | None = None
 
 
 class ModelRunner:
@@ -67,6 +70,8 @@ class ModelRunner:
         self.amp_dtype = autocast_dtype(self.device, amp_dtype, native_cpu_bf16=native_cpu_bf16)
         self.model = prepare_for_serving(model, self.device, self.amp_dtype, memory_format=self.memory_format)
         self.has_attention = bool(self.meta.arch.get("attention"))
+        self.calibration = self.meta.calibration  # temperature and unfamiliar-input detector (models.familiarity)
+        self.detector = self.calibration.detector if self.calibration is not None else None
         self.attention_modules: list[str] = []  # the attention maps' module names, known after the first forward
         self.attention_sizes: dict[str, tuple[int, int]] = {}  # their (h, w) at the model's input size, known then too
         pre = self.meta.preprocessing  # (x / 255 - mean) / std  ==  (x - 255 mean) / (255 std)
@@ -105,21 +110,36 @@ class ModelRunner:
     @torch.inference_mode()
     def _forward(self, inputs: np.ndarray, attention: bool) -> list[ImageResult]:
         x = self._to_device(inputs)
+        features = None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if attention and self.has_attention:
+            if self.detector is not None:  # the detector needs the penultimate features too
+                maps = {} if attention and self.has_attention else None
+                features = self.model.forward_features(x, maps)
+                logits, maps = self.model.fc(features), maps or {}
+            elif attention and self.has_attention:
                 logits, maps = self.model.forward_with_attention(x)
             else:
                 logits, maps = self.model(x), {}
         if maps and not self.attention_modules:
             self.attention_sizes = {name: tuple(m.spatial.shape[-2:]) for name, m in maps.items()}
             self.attention_modules = list(maps)
-        scores = logits.float().softmax(dim=1).cpu().numpy()
+        scores = probabilities(logits, self.calibration).cpu().numpy()
         masks = {name: (m.spatial.float() * 255).round().clamp(0, 255).to(torch.uint8)[:, 0].cpu().numpy()
                  for name, m in maps.items()}
         if scores.shape[0] != len(inputs):
             raise RuntimeError(f"{self.name}: {scores.shape[0]} outputs for {len(inputs)} inputs")
-        return [ImageResult(scores[i], {k: v[i] for k, v in masks.items()} if attention else None)
+        flags, values = self._familiarity(features, logits)
+        return [ImageResult(scores[i], {k: v[i] for k, v in masks.items()} if attention else None,
+                            None if flags is None else bool(flags[i]), None if values is None else float(values[i]))
                 for i in range(len(inputs))]
+
+    def _familiarity(self, features: torch.Tensor | None, logits: torch.Tensor
+                     ) -> tuple[list[bool] | None, list[float] | None]:
+        """Each image's familiar flag and familiarity (models.familiarity), or ``(None, None)`` without a detector."""
+        if self.detector is None or features is None:
+            return None, None
+        scores = detector_scores(self.detector, features.float(), logits.float(), self.calibration.temperature)
+        return is_familiar(self.detector, scores).tolist(), familiarity(self.detector, scores).tolist()
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run every batch size the batcher can form (and the attention path), so no request pays for

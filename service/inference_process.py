@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import mmap
 import os
 import socket
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from models import CheckpointError, CheckpointMetadata, Preprocessing
+from models.familiarity import Calibration
 
 from .batching import Unavailable
 from .inference import ImageResult
@@ -87,9 +89,10 @@ class RemoteModel:
 
 def _remote_model(name: str, info: dict[str, Any], process: InferenceProcess) -> RemoteModel:
     m = info["meta"]
+    calibration = Calibration.from_json(m["calibration"]) if m["calibration"] is not None else None
     meta = CheckpointMetadata(arch=m["arch"], class_names=m["class_names"],
                               preprocessing=Preprocessing.from_dict(m["preprocessing"]), version=m["version"],
-                              training=m["training"], extra=m["extra"])
+                              training=m["training"], extra=m["extra"], calibration=calibration)
     return RemoteModel(name, Path(info["path"]), meta, info["precision"], info["has_attention"],
                        list(info["attention_modules"]), {k: tuple(v) for k, v in info["attention_sizes"].items()},
                        process)
@@ -107,6 +110,10 @@ def worker_environment(settings: Settings) -> dict[str, str]:
     if "OMP_WAIT_POLICY" in os.environ:
         return {}
     return {"GOMP_SPINCOUNT": str(settings.omp_spin_count)}
+
+
+def _familiarity(flag: float, value: float) -> tuple[bool | None, float | None]:
+    return (None, None) if math.isnan(flag) else (bool(flag), value)
 
 
 class _Connection:
@@ -148,9 +155,10 @@ class _Connection:
             raise PeerGone(f"unexpected {kind.name} from the worker")
         count, _, allocated, reserved = RESULT.unpack(body)
         scores = self.layout.scores(self.buffer, model, n).copy()
+        familiarity = self.layout.familiarity(self.buffer, model, n).tolist()
         masks = {k: v.copy() for k, v in self.layout.masks(self.buffer, model, n).items()} if attention else None
-        results = [ImageResult(scores[i], {k: v[i] for k, v in masks.items()} if masks is not None else None)
-                   for i in range(count)]
+        results = [ImageResult(scores[i], {k: v[i] for k, v in masks.items()} if masks is not None else None,
+                               *_familiarity(*familiarity[i])) for i in range(count)]
         return results, (allocated, reserved)
 
     def close(self) -> None:

@@ -67,6 +67,9 @@ class Metrics:
         self.images_total = Counter("macula_images", "Images classified", ["model"], registry=r)
         self.top1_confidence = Histogram("macula_top1_confidence", "Top-1 softmax score of each classified image "
                                          "(watch it for drift)", ["model"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.unfamiliar_inputs_total = Counter("macula_unfamiliar_inputs", "Images the model's detector flagged "
+                                               "as unlike its training data (models with a detector only)",
+                                               ["model"], registry=r)
         self.model_info = Gauge("macula_model_info", "Served model (value is always 1)",
                                 ["name", "version", "arch", "attention"], registry=r)
 
@@ -142,6 +145,10 @@ class Metrics:
             confidence.observe(float(score))
             count += 1
         self.images_total.labels(model).inc(count)
+
+    def observe_familiarity(self, model: str, familiar: Iterable[bool | None]) -> None:
+        """Count the images flagged unfamiliar (``False``); ``None`` (no detector) counts as nothing."""
+        self.unfamiliar_inputs_total.labels(model).inc(sum(flag is False for flag in familiar))
 
     def set_model_info(self, name: str, version: str, arch: str, attention: str | None) -> None:
         """Publish a served model; a model reloaded under the same name replaces its old series."""

@@ -4,7 +4,9 @@ A request holds one ``BYTES`` tensor ``images`` of shape ``[N]``: encoded images
 element a base64 string) or, with the binary tensor data extension, after the JSON header (whose length the
 ``Inference-Header-Content-Length`` header gives) as 4-byte little-endian lengths each followed by that many bytes.
 The answer holds ``probabilities`` (FP32 ``[N, C]``), optionally as the classification extension's top-k strings,
-and, when asked, one UINT8 ``[N, h, w]`` tensor per attention module; each in JSON or as binary data, as asked.
+and, when asked, one UINT8 ``[N, h, w]`` tensor per attention module and ``input_box`` (INT32 ``[N, 4]``: the region
+``[x0, y0, x1, y1)`` of each original image that the model saw and the masks cover); each in JSON or as binary
+data, as asked. ``input_box`` is a tensor, not a response parameter: the protocol's parameters are scalars.
 
 Pure functions on bytes and arrays: nothing here knows HTTP, the batcher or the model. Parsing is bounded by the
 body (every declared length is checked against what is there) and blocking: callers run it off the event loop.
@@ -31,6 +33,7 @@ from .state import InvalidParameter
 
 INPUT = "images"
 PROBABILITIES = "probabilities"
+INPUT_BOX = "input_box"
 EXTENSIONS = ["binary_tensor_data", "classification"]
 HEADER_LENGTH = "Inference-Header-Content-Length"
 ENCODINGS = ("gzip", "deflate")  # Content-Encoding of a request body that tritonclient can send
@@ -92,7 +95,7 @@ class OutputSpec:
 @dataclass(frozen=True)
 class Tensor:
     name: str
-    datatype: str  # FP32, UINT8 or BYTES
+    datatype: str  # FP32, UINT8, INT32 or BYTES
     array: np.ndarray  # BYTES: an object array of bytes
 
 
@@ -237,11 +240,11 @@ def serialize_bytes(elements: Sequence[bytes]) -> bytes:
 
 def requested_outputs(header: InferRequestHeader, modules: Sequence[str], num_classes: int) -> list[OutputSpec]:
     """What to answer: the outputs named in the request (default: ``probabilities``) plus every attention module
-    when the request parameter ``attention`` is true; each as binary data when asked (``binary_data`` on the
-    output, else the request's ``binary_data_output``)."""
+    and ``input_box`` when the request parameter ``attention`` is true (and the model has attention); each as
+    binary data when asked (``binary_data`` on the output, else the request's ``binary_data_output``)."""
     binary = _flag(header.parameters, "binary_data_output")
     named = header.outputs or [RequestOutput(name=PROBABILITIES)]
-    known = [PROBABILITIES, *modules]
+    known = [PROBABILITIES, *modules, INPUT_BOX]
     specs: list[OutputSpec] = []
     for output in named:
         if output.name not in known:
@@ -252,8 +255,8 @@ def requested_outputs(header: InferRequestHeader, modules: Sequence[str], num_cl
             raise BadInferRequest("the shared memory extension is not supported: outputs come in the body")
         count = _classification(output, num_classes)
         specs.append(OutputSpec(output.name, _flag(output.parameters, "binary_data", binary), count))
-    if _flag(header.parameters, "attention"):
-        specs += [OutputSpec(m, binary) for m in modules if all(spec.name != m for spec in specs)]
+    if _flag(header.parameters, "attention") and modules:
+        specs += [OutputSpec(m, binary) for m in (*modules, INPUT_BOX) if all(spec.name != m for spec in specs)]
     return specs
 
 
@@ -276,11 +279,14 @@ def _classification(output: RequestOutput, num_classes: int) -> int:
 
 
 def output_tensors(specs: Sequence[OutputSpec], scores: np.ndarray, masks: Mapping[str, np.ndarray],
-                   class_names: Sequence[str]) -> list[Tensor]:
-    """``scores`` (N, C) float32 and ``masks`` {module: (N, h, w) uint8} as the requested tensors."""
+                   class_names: Sequence[str], boxes: np.ndarray) -> list[Tensor]:
+    """``scores`` (N, C) float32, ``masks`` {module: (N, h, w) uint8} and ``boxes`` (N, 4) as the requested
+    tensors."""
     tensors = []
     for spec in specs:
-        if spec.name != PROBABILITIES:
+        if spec.name == INPUT_BOX:
+            tensors.append(Tensor(spec.name, "INT32", np.ascontiguousarray(boxes, dtype="<i4")))
+        elif spec.name != PROBABILITIES:
             tensors.append(Tensor(spec.name, "UINT8", np.ascontiguousarray(masks[spec.name], dtype=np.uint8)))
         elif spec.classification:
             tensors.append(Tensor(spec.name, "BYTES", classifications(scores, class_names, spec.classification)))
@@ -320,7 +326,7 @@ def encode_response(tensors: Sequence[Tensor], specs: Sequence[OutputSpec], head
 def _binary(tensor: Tensor) -> bytes:
     if tensor.datatype == "BYTES":
         return serialize_bytes(tensor.array.ravel().tolist())
-    return tensor.array.tobytes()  # C order, little-endian ('<f4', uint8)
+    return tensor.array.tobytes()  # C order, little-endian ('<f4', '<i4', uint8)
 
 
 def _json_data(tensor: Tensor) -> list[Any]:

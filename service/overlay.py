@@ -4,7 +4,8 @@
 Geometry: a mask covers ``input_box`` — the region of the original (EXIF-rotated) image that the model saw,
 ``[x0, y0, x1, y1]`` in original pixels — or the whole image when a record has no box. The image drawn on may
 be a smaller copy of the original (the audit store keeps a thumbnail), so the box is scaled by the ratio of the
-two sizes. Outside the box the model saw nothing: the image's pixels are left as they are.
+two sizes (``service.codec.scaled_box``, as the service's own original-size masks are). Outside the box the model
+saw nothing: the image's pixels are left as they are.
 
 Inside the box: the mask is resized (bilinear) to the box, turned into colours through a 256-entry table made
 once from one of matplotlib's colour maps (matplotlib is already a dependency, for training plots), and blended
@@ -24,6 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .codec import scaled_box
 
 COLORMAPS = ("turbo", "viridis", "inferno", "gray")
 DEFAULT_COLORMAP = "turbo"
@@ -74,13 +77,10 @@ def box_in_image(input_box: Sequence[float] | None, original_size: tuple[int, in
     ow, oh = original_size or image_size
     if ow <= 0 or oh <= 0:
         raise OverlayError(f"original size must be positive, got {ow}x{oh}")
-    sx, sy = width / ow, height / oh
     x0, y0, x1, y1 = (float(v) for v in input_box)
     if not (x1 > x0 and y1 > y0):
         raise OverlayError(f"input_box must have x1 > x0 and y1 > y0, got {list(input_box)!r}")
-    left, top = min(max(round(x0 * sx), 0), width - 1), min(max(round(y0 * sy), 0), height - 1)
-    right, bottom = min(max(round(x1 * sx), left + 1), width), min(max(round(y1 * sy), top + 1), height)
-    return left, top, right, bottom
+    return scaled_box((x0, y0, x1, y1), (ow, oh), (width, height))  # the service's own masks' geometry
 
 
 def render_overlay(image: Image.Image, mask: np.ndarray, *, input_box: Sequence[float] | None = None,

@@ -338,6 +338,8 @@ class Service:
             for future in futures:
                 future.cancel()  # no-op for finished ones; the batcher skips cancelled ones still queued
         self.metrics.observe_predictions(runner.name, (float(r.scores.max()) for r in results))
+        if runner.detector is not None:
+            self.metrics.observe_familiarity(runner.name, (r.familiar for r in results))
         return images, list(results)
 
     async def _decode_all(self, runner: ModelRunner, blobs: Sequence[bytes]) -> list[DecodedImage]:

@@ -7,8 +7,9 @@ records, and the pixels and results never travel on the socket at all: the worke
 (``SCM_RIGHTS``). Nothing is ever pickled.
 
 Shared memory holds, for the one batch in flight: the input region (``n`` images of uint8 ``(H, W, C)`` pixels)
-at offset 0, and the output region (float32 scores ``(n, classes)``, then each attention module's uint8 masks
-``(n, h, w)`` in network order) at :attr:`Layout.output_offset`.
+at offset 0, and the output region (float32 scores ``(n, classes)``, float32 ``(n, 2)`` familiarity (the flag as
+1/0 and the value; NaN without a detector), then each attention module's uint8 masks ``(n, h, w)`` in network
+order) at :attr:`Layout.output_offset`.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class ModelLayout:
 
     @property
     def output_bytes(self) -> int:
-        return self.classes * 4 + sum(h * w for _, h, w in self.masks)
+        return self.classes * 4 + 2 * 4 + sum(h * w for _, h, w in self.masks)
 
 
 @dataclass(frozen=True)
@@ -163,10 +164,15 @@ class Layout:
         m = self._batch(model, n)
         return np.frombuffer(buffer, np.float32, n * m.classes, self.output_offset).reshape(n, m.classes)
 
+    def familiarity(self, buffer: mmap.mmap, model: str, n: int) -> np.ndarray:
+        """The float32 ``(n, 2)`` view: (familiar flag, familiarity), NaN where the model has no detector."""
+        m = self._batch(model, n)
+        return np.frombuffer(buffer, np.float32, n * 2, self.output_offset + n * m.classes * 4).reshape(n, 2)
+
     def masks(self, buffer: mmap.mmap, model: str, n: int) -> dict[str, np.ndarray]:
         """Module -> the uint8 ``(n, h, w)`` mask view, in network order."""
         m = self._batch(model, n)
-        offset, out = self.output_offset + n * m.classes * 4, {}
+        offset, out = self.output_offset + n * (m.classes * 4 + 2 * 4), {}
         for module, h, w in m.masks:
             out[module] = np.frombuffer(buffer, np.uint8, n * h * w, offset).reshape(n, h, w)
             offset += n * h * w

@@ -30,6 +30,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import wire
@@ -57,8 +58,8 @@ def describe(runner: ModelRunner) -> dict:
             "attention_modules": runner.attention_modules,
             "attention_sizes": {k: list(v) for k, v in runner.attention_sizes.items()},
             "meta": {"arch": meta.arch, "class_names": meta.class_names, "version": meta.version,
-                     "preprocessing": asdict(meta.preprocessing),
-                     "training": meta.training, "extra": meta.extra}}
+                     "preprocessing": asdict(meta.preprocessing), "training": meta.training, "extra": meta.extra,
+                     "calibration": meta.calibration.to_json() if meta.calibration is not None else None}}
 
 
 def layout_for(runners: dict[str, ModelRunner], max_batch: int) -> Layout:
@@ -115,10 +116,11 @@ class Worker:
             send(self.sock, Kind.FAILED, FAILURE.pack(oom) + repr(exc)[:4000].encode(errors="replace"))
             return
         elapsed = time.perf_counter_ns() - start
-        scores = self.layout.scores(self.buffer, name, n)
+        scores, familiarity = self.layout.scores(self.buffer, name, n), self.layout.familiarity(self.buffer, name, n)
         masks = self.layout.masks(self.buffer, name, n) if attention else {}
         for i, result in enumerate(results):
             scores[i] = result.scores
+            familiarity[i] = (np.nan, np.nan) if result.familiar is None else (result.familiar, result.familiarity)
             for module, out in masks.items():
                 out[i] = result.masks[module]
         send(self.sock, Kind.RESULT, RESULT.pack(n, elapsed, *self._cuda_memory()))

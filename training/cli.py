@@ -46,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", type=lambda s: None if s.lower() == "none" else s,
                    help=f"none, bam or cbam; default {d.attention}")
     p.add_argument("--bam-variant", choices=["paper", "official"], help="BAM channel-gate layout")
+    p.add_argument("--init", choices=["macula", "official"], help="starting weights: Macula's rule or the "
+                   f"BAM/CBAM authors' (docs/training.md); default {d.init}")
+    p.add_argument("--zero-init-residual", action="store_true", help="start each residual block as its "
+                   "shortcut (last BN weight 0, as torchvision's option)")
     p.add_argument("--dataset", help=f"one of {', '.join(DATASET_NAMES)}; default {d.dataset}")
     p.add_argument("--out", help=f"output folder; default {d.out}")
     p.add_argument("--resume", metavar="OUT", help="continue the run saved in OUT (OUT/last)")
@@ -71,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     speed.add_argument("--device", help="cpu, cuda, cuda:1 ...; default cuda:LOCAL_RANK if available")
     speed.add_argument("--seed", type=int, help=f"default {d.seed}")
     speed.add_argument("--log-interval", type=int, help="batches between log lines off a terminal")
+    speed.add_argument("--no-calibration", dest="calibrate", action="store_false", help="skip fitting the "
+                       "temperature and unfamiliar-input detector at the end (training.calibration)")
     data = p.add_argument_group("data")
     data.add_argument("--download", action="store_true", help="let torchvision download CIFAR")
     data.add_argument("--limit-train", type=int, help="use only this many training images (tiny runs)")

@@ -28,6 +28,8 @@ class TrainConfig:
     arch: str = "resnet20"
     attention: str | None = "cbam"
     bam_variant: str = "paper"
+    init: str = "macula"  # starting weights: "macula" or the BAM/CBAM authors' "official" (models.initialisation)
+    zero_init_residual: bool = False
     dataset: str = "cluttered-mnist"
     out: str = "runs/train"
     # optimisation: the papers' SGD recipe (He et al. 2016; BAM/CBAM §4)
@@ -64,6 +66,7 @@ class TrainConfig:
     # stopping and outputs
     patience: int | None = None  # stop after this many epochs without a better validation accuracy
     log_interval: int = 50
+    calibrate: bool = True  # fit a temperature and an unfamiliar-input detector at the end (training.calibration)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -90,6 +93,8 @@ class TrainConfig:
             raise ConfigError(f"--amp must be none, fp16 or bf16, got {self.amp!r}")
         if self.schedule not in ("cosine", "step"):
             raise ConfigError(f"--schedule must be cosine or step, got {self.schedule!r}")
+        if self.init not in ("macula", "official"):
+            raise ConfigError(f"--init must be macula or official, got {self.init!r}")
         if self.attention not in (None, "bam", "cbam"):
             raise ConfigError(f"--attention must be none, bam or cbam, got {self.attention!r}")
         for name in ("epochs", "batch_size"):

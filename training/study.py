@@ -1,13 +1,20 @@
-"""``python -m training.study``: plain vs BAM vs CBAM on cluttered-mnist at an equal budget, several seeds.
+"""``python -m training.study``: plain vs BAM vs CBAM to convergence, on two cluttered-mnist tasks, several seeds.
 
-    python -m training.study --out runs/study --seeds 0 1 2 --epochs 6 --nproc 2
+    python -m training.study --out runs/study --nproc 2                  # the whole study (docs/results.md)
+    python -m training.study --out runs/study --tasks mnist48 --seeds 0 --runs cbam:official none:official
+    python -m training.study --out runs/study --report                   # tables from the runs finished so far
 
-Every run gets the same data, epochs, batch size and schedule; only the attention module and the
-seed change. Each finished run is scored on the fixed test split with ``training.evaluate`` (top-1
-and the per-module localisation score); the table (mean ± std over seeds, localisation averaged
-over each stage's modules) goes to ``OUT/results.md`` and the raw numbers to ``OUT/study.json``.
-Runs already finished in ``OUT`` are not trained again, so an interrupted study picks up where it
-stopped (``--rescore`` evaluates them again).
+Tasks (``TASKS``): ``mnist48`` is the demo model's task and budget (48×48, 4 fragments, 15 epochs, the
+``make demo-model`` recipe); ``hard`` a larger canvas with more clutter, where the digit is a smaller
+share of the image. On ``mnist48`` every attention runs with both initialisations (``models.initialisation``),
+on ``hard`` with ``--hard-init``. Within a task only the attention, the init and the seed change (seed: init,
+data order, training canvases); validation and test canvases are the same for every run.
+
+Each finished run is scored on the fixed test split with ``training.evaluate`` (top-1, the localisation
+score and pointing game per module); the tables (mean ± std over seeds, localisation averaged over each
+stage's modules, training images/s) go to ``OUT/results.md`` and the raw numbers to ``OUT/study.json``.
+Runs already finished in ``OUT/<task>/<attention>-<init>-s<seed>`` are not trained again, so an interrupted
+study picks up where it stopped (``--rescore`` evaluates them again).
 """
 
 from __future__ import annotations
@@ -19,39 +26,72 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .evaluate import parser as evaluate_parser
 from .evaluate import run as evaluate_run
 
-VARIANTS = ("none", "bam", "cbam")
+ATTENTIONS = ("none", "bam", "cbam")
+INITS = ("macula", "official")
 
 
-def train_command(args: argparse.Namespace, attention: str, seed: int, out: Path) -> list[str]:
+@dataclass(frozen=True)
+class Task:
+    canvas_size: int
+    clutter: int
+    epochs: int
+    batch_size: int = 64  # per process; × 2 processes = the demo's global batch 128
+    lr: float = 0.1
+    warmup_epochs: float = 1.0
+
+
+TASKS = {"mnist48": Task(canvas_size=48, clutter=4, epochs=15), "hard": Task(canvas_size=64, clutter=16, epochs=15)}
+
+
+def run_dir(out: Path, task: str, attention: str, init: str, seed: int) -> Path:
+    return out / task / f"{attention}-{init}-s{seed}"
+
+
+def train_command(args: argparse.Namespace, task: Task, attention: str, init: str, seed: int, out: Path
+                  ) -> list[str]:
     launcher = [sys.executable, "-m", "training"] if args.nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
         "-m", "training"]
-    return [*launcher, "--arch", args.arch, "--attention", attention, "--dataset", "cluttered-mnist",
-            "--canvas-size", str(args.canvas_size), "--clutter", str(args.clutter), "--epochs", str(args.epochs),
-            "--limit-train", str(args.limit_train), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--warmup-epochs", str(args.warmup_epochs), "--workers", "0", "--seed", str(seed), "--out", str(out),
-            "--log-interval", "0"]
+    limit = ["--limit-train", str(args.limit_train)] if args.limit_train else []
+    return [*launcher, "--arch", "resnet20", "--attention", attention, "--init", init, "--dataset", "cluttered-mnist",
+            "--canvas-size", str(task.canvas_size), "--clutter", str(task.clutter),
+            "--epochs", str(args.epochs or task.epochs), *limit, "--batch-size", str(task.batch_size),
+            "--lr", str(task.lr), "--warmup-epochs", str(task.warmup_epochs), "--workers", "0", "--seed", str(seed),
+            "--out", str(out), "--log-interval", "0"]
 
 
-def run_one(args: argparse.Namespace, attention: str, seed: int) -> dict[str, Any]:
-    out = Path(args.out) / f"{attention}-seed{seed}"
-    report_path = out / "evaluation.json"
-    if report_path.is_file() and not args.rescore:
-        return json.loads(report_path.read_text())
-    if not (out / "metrics.json").is_file() or "test" not in json.loads((out / "metrics.json").read_text()):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-        subprocess.run(train_command(args, attention, seed, out), check=True, env=env)
+def finished(out: Path) -> bool:
+    metrics = out / "metrics.json"
+    return metrics.is_file() and "test" in json.loads(metrics.read_text())
+
+
+def score(out: Path, rescore: bool = False) -> dict[str, Any]:
+    """``training.evaluate``'s report on the test split, plus training time and speed from ``metrics.json``."""
+    path = out / "evaluation.json"
+    if path.is_file() and not rescore:
+        return json.loads(path.read_text())
     report = evaluate_run(evaluate_parser().parse_args([str(out / "model.safetensors"), "--split", "test"]))
-    metrics = json.loads((out / "metrics.json").read_text())
-    report["train_seconds"] = sum(row["epoch_seconds"] for row in metrics["epochs"])
-    report_path.write_text(json.dumps(report, indent=2))
+    epochs = json.loads((out / "metrics.json").read_text())["epochs"]
+    report["epochs"] = len(epochs)
+    report["train_seconds"] = sum(row["epoch_seconds"] for row in epochs)
+    report["train_img_per_s"] = statistics.median(row["img_per_s"] for row in epochs)
+    path.write_text(json.dumps(report, indent=2))
     return report
+
+
+def train(args: argparse.Namespace, task: Task, attention: str, init: str, seed: int, out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    subprocess.run(train_command(args, task, attention, init, seed, out), check=True, env=env)
+
+
+# -------------------------------------------------------------------------------------------- tables
 
 
 def stage_of(module: str) -> str:
@@ -60,61 +100,87 @@ def stage_of(module: str) -> str:
     return f"after layer{head[3:]}" if head.startswith("bam") else head
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], scale: float = 100.0) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
-
-
-def summarise(reports: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["| attention | test top-1 % (mean ± std) | mask mass in box, per stage | pointing game, per stage "
-             "| box share (uniform map) | train s/run |", "|---|---|---|---|---|---|"]
-    for attention, runs in reports.items():
-        mass, pointing = per_stage(runs, "localisation"), per_stage(runs, "pointing")
-        seconds = statistics.mean(r["train_seconds"] for r in runs)
-        lines.append(f"| {attention} | {mean_std([r['top1'] for r in runs])} | {mass} | {pointing} | "
-                     f"{runs[0]['box_share']:.3f} | {seconds:.0f} |")
-    return "\n".join(lines)
+    return f"{scale * statistics.mean(values):.2f} ± {scale * spread:.2f}"
 
 
 def per_stage(runs: list[dict[str, Any]], key: str) -> str:
     """``report[key]`` (module → score) averaged over each stage's modules and over the runs."""
     stages: dict[str, list[float]] = {}
     for report in runs:
-        for module, score in report.get(key, {}).items():
-            stages.setdefault(stage_of(module), []).append(score)
+        for module, value in report.get(key, {}).items():
+            stages.setdefault(stage_of(module), []).append(value)
     return ", ".join(f"{stage} {statistics.mean(v):.3f}" for stage, v in stages.items()) or "—"
+
+
+def summarise(reports: dict[str, list[dict[str, Any]]]) -> str:
+    """One row per ``attention/init``: top-1 mean ± std, localisation per stage, seeds, epochs, img/s."""
+    lines = ["| attention / init | seeds | test top-1 % (mean ± std) | mask mass in box, per stage | pointing game, "
+             "per stage | box share | epochs | train img/s |", "|---|---|---|---|---|---|---|---|"]
+    for arm, runs in reports.items():
+        if not runs:
+            continue
+        epochs = "/".join(sorted({str(r.get("epochs", "?")) for r in runs}))
+        speed = statistics.mean(r.get("train_img_per_s", 0.0) for r in runs)
+        lines.append(f"| {arm} | {len(runs)} | {mean_std([r['top1'] for r in runs])} | "
+                     f"{per_stage(runs, 'localisation')} | {per_stage(runs, 'pointing')} | "
+                     f"{runs[0]['box_share']:.3f} | {epochs} | {speed:.0f} |")
+    return "\n".join(lines)
+
+
+def describe(task: Task, args: argparse.Namespace) -> str:
+    digits = f"{args.limit_train} of the 4,000 training digits" if args.limit_train else "4,000 training digits"
+    return (f"{task.canvas_size}×{task.canvas_size} canvas, {task.clutter} fragments, {args.epochs or task.epochs} "
+            f"epochs, {digits}, batch {task.batch_size} × {args.nproc} processes, lr {task.lr} cosine, "
+            f"{task.warmup_epochs:g} warmup epoch(s)")
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
+    """``(task, attention, init, seed)`` in the order to run: seed by seed, so a cut-short study compares all arms."""
+    arms = {"mnist48": [(a, i) for a in ATTENTIONS for i in INITS], "hard": [(a, args.hard_init) for a in ATTENTIONS]}
+    if args.runs:
+        wanted = [tuple(r.split(":")) for r in args.runs]
+        arms = {task: [arm for arm in wanted if arm in task_arms] for task, task_arms in arms.items()}
+    return [(task, attention, init, seed) for task in args.tasks for seed in args.seeds
+            for attention, init in arms[task]]
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.study", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/study")
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--attention", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--arch", default="resnet20")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--limit-train", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--warmup-epochs", type=float, default=0.5)
-    p.add_argument("--canvas-size", type=int, default=48)
-    p.add_argument("--clutter", type=int, default=4)
-    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun, gloo on CPU)")
+    p.add_argument("--runs", nargs="+", metavar="ATTENTION:INIT", help="only these arms, e.g. cbam:official")
+    p.add_argument("--hard-init", choices=INITS, default="official", help="the init used on the hard task")
+    p.add_argument("--epochs", type=int, help="override every task's epochs (state it with the results)")
+    p.add_argument("--limit-train", type=int, help="train on this many of the 4,000 digits (state it)")
+    p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun, gloo on CPU)")
+    p.add_argument("--report", action="store_true", help="only tabulate the runs already finished")
     p.add_argument("--rescore", action="store_true", help="evaluate finished runs again (no retraining)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    reports: dict[str, list[dict[str, Any]]] = {a: [] for a in args.attention}
-    for seed in args.seeds:  # seed by seed, so an interrupted study still compares every variant
-        for attention in args.attention:
-            reports[attention].append(run_one(args, attention, seed))
-    table = summarise(reports)
     out = Path(args.out)
+    reports: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for task, attention, init, seed in plan(args):
+        run = run_dir(out, task, attention, init, seed)
+        if not finished(run) and not args.report:
+            train(args, TASKS[task], attention, init, seed, run)
+        if finished(run):
+            reports.setdefault(task, {}).setdefault(f"{attention} / {init}", []).append(score(run, args.rescore))
+    tables = {task: summarise(arms) for task, arms in reports.items()}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps({"args": vars(args), "runs": reports}, indent=2))
     command = "python -m training.study " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "results.md").write_text(f"`{command}`\n\n{table}\n")
-    print(table)
+    text = "\n\n".join(f"### {task}: {describe(TASKS[task], args)}\n\n{table}" for task, table in tables.items())
+    (out / "results.md").write_text(f"`{command}`\n\n{text}\n")
+    print(text)
     return 0
 
 

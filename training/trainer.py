@@ -24,8 +24,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from models import create_model, load_checkpoint, save_checkpoint
 from models.checkpoint import atomic_write
+from models.familiarity import Calibration
 
 from . import distributed, plots, summary
+from .calibration import calibrate
 from .config import TrainConfig
 from .data import DataBundle, build_datasets
 from .engine import evaluate, make_optimizer, make_scheduler, train_one_epoch
@@ -54,7 +56,8 @@ def seed_everything(seed: int) -> None:
 def build_model(config: TrainConfig, bundle: DataBundle) -> tuple[nn.Module, set[str]]:
     """The network for this data; with ``--init-from``, the names of the tensors loaded into it."""
     model = create_model(config.arch, attention=config.attention, num_classes=len(bundle.class_names),
-                         bam_variant=config.bam_variant, in_chans=bundle.in_chans)
+                         bam_variant=config.bam_variant, in_chans=bundle.in_chans, init=config.init,
+                         zero_init_residual=config.zero_init_residual)
     backbone = load_torchvision_backbone(model, config.init_from) if config.init_from else set()
     return model, backbone
 
@@ -236,6 +239,17 @@ class Trainer:
         atomic_write(self.out / METRICS, lambda tmp: Path(tmp).write_text(text))
         return metrics
 
+    def fit_calibration(self, best: nn.Module) -> Calibration | None:
+        """Temperature and unfamiliar-input detector for the saved model (``training.calibration``)."""
+        if not self.config.calibrate:
+            return None
+        calibration = calibrate(best, self.bundle.train, self.bundle.val, num_classes=len(self.bundle.class_names),
+                                transform=self.bundle.preprocessing.eval_transform(), device=self.info.device)
+        log.info("calibration: temperature %.3f, %s detector (threshold %.4g accepts %.0f%% of validation images)",
+                 calibration.temperature, calibration.detector.method, calibration.detector.threshold,
+                 100 * calibration.detector.accept_rate)
+        return calibration
+
     def _finish(self) -> dict[str, Any]:
         """Score the best model on the test split (if the dataset has one), then draw the figures."""
         best, meta = load_checkpoint(self.out / CHECKPOINT, map_location=self.info.device)
@@ -245,10 +259,13 @@ class Trainer:
             result = evaluate(best, loader, self.config, device=self.info.device,
                               num_classes=len(self.bundle.class_names), sync=False)
             test = {k: result[k] for k in ("acc", "top5", "loss", "n")}
-            save_checkpoint(best, self.out / CHECKPOINT, class_names=meta.class_names,
-                            preprocessing=meta.preprocessing,
-                            training={**meta.training, "test_acc": test["acc"], "test_top5": test["top5"]})
             log.info("test acc %.4f (top-5 %.4f) on %d images", test["acc"], test["top5"], test["n"])
+        calibration = self.fit_calibration(best)
+        if test is not None or calibration is not None:
+            extra = {"test_acc": test["acc"], "test_top5": test["top5"]} if test is not None else {}
+            save_checkpoint(best, self.out / CHECKPOINT, class_names=meta.class_names,
+                            preprocessing=meta.preprocessing, training={**meta.training, **extra},
+                            calibration=calibration)
         metrics = self.write_metrics(test)
         self.draw(best)
         return metrics

@@ -63,6 +63,18 @@ def readiness(grid: tuple[int, int, int, int]) -> dict:
     return ready
 
 
+def unfamiliar(grid: tuple[int, int, int, int]) -> dict:
+    """Share of classified images that the model's detector flagged as unlike its training data."""
+    flagged = f"sum by (model) ({rate('macula_unfamiliar_inputs_total', BY_MODEL)})"
+    classified = f"sum by (model) ({rate('macula_images_total', BY_MODEL)})"
+    return panel("timeseries", "Unfamiliar inputs (share of images)", [target(f"{flagged} / {classified}",
+                                                                             "{{model}}")], grid,
+                 unit="percentunit", custom={"axisSoftMax": 0.2},
+                 description="Images flagged \"familiar\": false (models whose checkpoint carries a detector; about "
+                             "5 % of in-distribution images are flagged by design). A rise means inputs unlike the "
+                             "training data: their answers should not be trusted.")
+
+
 STAT = {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "background", "textMode": "value_and_name"}
 STACKED = {"stacking": {"mode": "normal"}}
 BY_MODEL = f"{INSTANCE}, {MODEL}"
@@ -101,11 +113,12 @@ def panels() -> list[dict]:
         panel("timeseries", "Preprocess time per image p50 / p95 / p99",
               quantiles("macula_preprocess_duration_seconds", BY_MODEL), (16, 20, 8, 8), unit="s",
               description="Decode + resize + normalise of one image."),
-        heatmap("Top-1 confidence distribution", "macula_top1_confidence", BY_MODEL, (0, 28, 12, 8),
+        heatmap("Top-1 confidence distribution", "macula_top1_confidence", BY_MODEL, (0, 28, 8, 8),
                 "Score of the top class per image. A shift down means inputs drifted away from the training data."),
+        unfamiliar((8, 28, 8, 8)),
         panel("timeseries", "GPU memory",
               [target(f"sum by (instance, device, kind) (macula_gpu_memory_bytes{{{INSTANCE}}})",
-                      "{{instance}} {{device}} {{kind}}")], (12, 28, 12, 8), unit="bytes",
+                      "{{instance}} {{device}} {{kind}}")], (16, 28, 8, 8), unit="bytes",
               description="torch allocated / reserved bytes; empty on CPU-only instances."),
         panel("timeseries", "Audit store writes",
               [target(f"sum({rate('macula_audit_records_written_total', INSTANCE)})", "written"),

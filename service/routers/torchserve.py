@@ -2,7 +2,8 @@
 
 ``POST /predictions/{name}``: raw image body or multipart field ``data`` → ``{label: score}`` for the top 5
 (a list of such objects when several images were sent). ``POST /explanations/{name}``: the attention maps
-(one list of ``{module, height, width, png}`` per image; a single image gets its list directly). As in
+(one list of ``{module, height, width, png, input_box}`` per image, ``input_box`` being the region of the
+original image that the map covers; a single image gets its list directly). As in
 TorchServe, a raw body needs no Content-Type (its bytes tell the format), and PUT works like POST: the curl
 forms of TorchServe's docs (``curl URL -T kitten.jpg``, a PUT without Content-Type) run unchanged.
 """
@@ -56,4 +57,5 @@ async def predictions(request: Request, service: ServiceDep, name: str) -> Any:
              openapi_extra=IMAGE_BODY, responses=ERRORS)
 async def explanations(request: Request, service: ServiceDep, name: str) -> Any:
     done = await _predict(request, service, name, attention=True, route="/explanations/{name}")
-    return _one_or_list([item["attention"] for item in done.items])
+    return _one_or_list([[{**entry, "input_box": item["input_box"]} for entry in item["attention"]]
+                         for item in done.items])

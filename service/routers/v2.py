@@ -136,10 +136,12 @@ def _runner(service: Service, name: str, version: str | None) -> ModelRunner:
 
 
 def model_metadata(runner: ModelRunner) -> dict[str, Any]:
-    """The protocol's model metadata: one BYTES input, ``probabilities`` and one output per attention module."""
+    """The protocol's model metadata: one BYTES input, ``probabilities``, one output per attention module and
+    ``input_box`` (the region of each original image that the model saw)."""
     outputs = [{"name": oip.PROBABILITIES, "datatype": "FP32", "shape": [-1, runner.meta.num_classes]}]
     outputs += [{"name": module, "datatype": "UINT8", "shape": [-1, *runner.attention_sizes[module]]}
                 for module in _modules(runner)]
+    outputs.append({"name": oip.INPUT_BOX, "datatype": "INT32", "shape": [-1, 4]})
     return {"name": runner.name, "versions": [runner.meta.version], "platform": PLATFORM,
             "inputs": [{"name": oip.INPUT, "datatype": "BYTES", "shape": [-1]}], "outputs": outputs}
 
@@ -198,7 +200,7 @@ async def _infer(request: Request, service: Service, name: str, version: str | N
                                    service.settings.max_images_per_request)
     specs = oip.requested_outputs(parsed.header, _modules(runner), runner.meta.num_classes)
     done = await service.predict(name, parsed.images, route=request.scope["route"].path,
-                                 attention=any(spec.name != oip.PROBABILITIES for spec in specs),
+                                 attention=any(spec.name in _modules(runner) for spec in specs),
                                  until_gone=partial(wait_disconnect, request))
     answer = {"model_name": runner.name, "model_version": runner.meta.version, "parameters": {"prediction_id": done.id}}
     if parsed.header.id is not None:
@@ -218,6 +220,7 @@ def _read(body: bytes, encoding: str, length: int | None, max_bytes: int, max_im
 def _answer(done: Prediction, specs: list[oip.OutputSpec], header: dict[str, Any]) -> tuple[bytes, int | None]:
     scores = np.stack([result.scores for result in done.results])
     masks = {spec.name: np.stack([result.masks[spec.name] for result in done.results])
-             for spec in specs if spec.name != oip.PROBABILITIES}
-    tensors = oip.output_tensors(specs, scores, masks, done.model.meta.class_names)
+             for spec in specs if spec.name not in (oip.PROBABILITIES, oip.INPUT_BOX)}
+    boxes = np.array([image.input_box for image in done.images], dtype=np.int32).reshape(-1, 4)
+    tensors = oip.output_tensors(specs, scores, masks, done.model.meta.class_names, boxes)
     return oip.encode_response(tensors, specs, header)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.codec import resize_mask
+from service.codec import place_mask
 from tests.integration.service_testing import image_bytes, serving
 
 pytestmark = pytest.mark.anyio
@@ -58,11 +58,12 @@ async def test_overlay_has_the_kept_inputs_size_and_follows_the_mask(model_dir, 
         assert np.array_equal(np.asarray(bare), np.asarray(kept))
 
         # alpha 1 in grey: the picture is the module's mask, stretched over the whole input ("stretch" model)
+        assert made["predictions"][0]["input_box"] == [0, 0, 120, 80]
         for module, entry in zip(modules, made["predictions"][0]["attention"], strict=True):
             grey = png_of(await client.get(f"/v1/predictions/{pid}/overlay.png",
                                            params={"module": module, "alpha": 1, "colormap": "gray"}))
             mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(entry["png"]))))
-            expected = resize_mask(mask, *kept.size).astype(int)
+            expected = place_mask(mask, (0, 0, 120, 80), (120, 80), kept.size).astype(int)
             assert np.abs(np.asarray(grey)[:, :, 0].astype(int) - expected).max() <= 1, module
 
 

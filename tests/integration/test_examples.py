@@ -73,3 +73,14 @@ def test_client_overlay_puts_the_mask_over_the_image() -> None:
     assert out.shape == (384, 384, 3)  # the 48x48 canvas, enlarged 8x to be seen
     left, right = out[:, :150].reshape(-1, 3).mean(0), out[:, -150:].reshape(-1, 3).mean(0)
     assert left[0] > left[2] + 40 and right[2] > right[0] + 40, (left, right)
+
+
+def test_client_overlay_stays_inside_the_box_the_model_saw() -> None:
+    """A crop model saw columns 100..499 of a 600x300 photo: the mask lands there, the sides stay as they were."""
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 600, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(buf, format="PNG")
+    out = np.asarray(load_client().overlay(photo, base64.b64encode(buf.getvalue()).decode(), [100, 0, 500, 300]))
+    np.testing.assert_array_equal(out[:, :100], np.asarray(photo)[:, :100])
+    np.testing.assert_array_equal(out[:, 500:], np.asarray(photo)[:, 500:])
+    assert np.abs(out[:, 100:500].astype(int) - np.asarray(photo)[:, 100:500]).mean() > 20

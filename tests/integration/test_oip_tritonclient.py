@@ -107,14 +107,16 @@ def test_server_and_model_metadata(client, http):
     assert meta == client.get_model_metadata("gray", version)
     assert meta["name"] == "gray" and meta["versions"] == [version]
     assert meta["inputs"] == [{"name": "images", "datatype": "BYTES", "shape": [-1]}]
-    probabilities, *attention = meta["outputs"]
+    probabilities, *attention, box = meta["outputs"]
     assert probabilities == {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}
+    assert box == {"name": "input_box", "datatype": "INT32", "shape": [-1, 4]}
     v1_maps = v1_predict(http, "gray", images()[:1], attention="true")[0]["attention"]
     assert [(o["name"], o["datatype"], o["shape"]) for o in attention] == \
         [(m["module"], "UINT8", [-1, m["height"], m["width"]]) for m in v1_maps]
-    assert [o["name"] for o in client.get_model_metadata("rgb")["outputs"]] == ["probabilities", "bam1", "bam2"]
+    assert [o["name"] for o in client.get_model_metadata("rgb")["outputs"]] == \
+        ["probabilities", "bam1", "bam2", "input_box"]
     assert client.get_model_metadata("plain")["outputs"] == [
-        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}]
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]}, box]
     missing = server_error(lambda: client.get_model_metadata("gray", "000000000000"))
     assert missing.status() == "404" and version in missing.message()
 
@@ -146,7 +148,9 @@ def test_attention_outputs_are_the_v1_masks_as_arrays(client, http):
     result = client.infer("gray", [binary_input(blobs)], parameters={"attention": True})
     v1 = v1_predict(http, "gray", blobs, attention="true")
     modules = [m["module"] for m in v1[0]["attention"]]
-    assert [o["name"] for o in result.get_response()["outputs"]] == ["probabilities", *modules]
+    assert [o["name"] for o in result.get_response()["outputs"]] == ["probabilities", *modules, "input_box"]
+    boxes = result.as_numpy("input_box")
+    assert boxes.dtype == np.int32 and boxes.tolist() == [prediction["input_box"] for prediction in v1]
     for k, module in enumerate(modules):
         masks = result.as_numpy(module)
         assert masks.dtype == np.uint8 and masks.shape == (3, v1[0]["attention"][k]["height"],

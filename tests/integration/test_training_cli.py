@@ -43,6 +43,8 @@ def test_a_run_writes_every_output(straight):
     assert meta.arch["attention"] == "cbam" and meta.class_names == [str(d) for d in range(10)]
     assert meta.preprocessing.input_size == (32, 32) and meta.preprocessing.color == "L"
     assert meta.training["dataset"] == "cluttered-mnist" and 0.0 <= meta.training["test_acc"] <= 1.0
+    assert meta.calibration.temperature > 0  # fitted at the end of training (training.calibration)
+    assert meta.calibration.detector.info == {"fit_images": 48, "val_images": 16}
     metrics = json.loads((straight / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics["epochs"]] == [1, 2]
     assert all(row["img_per_s"] > 0 and row["lr"] >= 0 for row in metrics["epochs"])

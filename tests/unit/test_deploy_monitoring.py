@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.audit.metrics import AuditMetrics
 from service.metrics import REJECTION_REASONS, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,15 +40,22 @@ def alert_exprs() -> list[str]:
     return [rule["expr"] for group in groups for rule in group["rules"]]
 
 
+def service_metrics() -> tuple[Metrics, AuditMetrics]:
+    """The service's metrics and its audit store's, in one registry as the app builds them."""
+    metrics = Metrics()
+    return metrics, AuditMetrics(metrics.registry, "sqlite")
+
+
 def exported_series() -> set[str]:
-    """Every sample name the service's Metrics class can export (a live scrape is checked in tests/integration)."""
-    return {family.name + suffix for family in Metrics().registry.collect() for suffix in SUFFIXES[family.type]}
+    """Every sample name the service can export (a live scrape is checked in tests/integration)."""
+    registry = service_metrics()[0].registry
+    return {family.name + suffix for family in registry.collect() for suffix in SUFFIXES[family.type]}
 
 
 def metric_labels() -> dict[str, set[str]]:
     """Family name → label names. prometheus_client has no public accessor for a metric's label names."""
-    metrics = Metrics()
-    return {m._name: set(m._labelnames) for m in vars(metrics).values() if hasattr(m, "_labelnames")}
+    every = [m for group in service_metrics() for m in vars(group).values()]
+    return {m._name: set(m._labelnames) for m in every if hasattr(m, "_labelnames")}
 
 
 def documented_metrics() -> set[str]:

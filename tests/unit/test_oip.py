@@ -75,7 +75,10 @@ def test_requested_outputs_default_named_attention_and_binary_forms():
     assert oip.requested_outputs(request(), MODULES, 10) == [oip.OutputSpec("probabilities", False)]
     specs = oip.requested_outputs(request([{"name": MODULES[1], "parameters": {"binary_data": False}}],
                                           attention=True, binary_data_output=True), MODULES, 10)
-    assert specs == [oip.OutputSpec(MODULES[1], False), oip.OutputSpec(MODULES[0], True)]
+    assert specs == [oip.OutputSpec(MODULES[1], False), oip.OutputSpec(MODULES[0], True),
+                     oip.OutputSpec("input_box", True)]  # masks come with the region of the image they cover
+    assert oip.requested_outputs(request([{"name": "input_box"}]), [], 10) == [oip.OutputSpec("input_box", False)]
+    assert oip.requested_outputs(request(attention=True), [], 10) == [oip.OutputSpec("probabilities", False)]
     top = oip.requested_outputs(request([{"name": "probabilities", "parameters": {"classification": 3}}]), [], 10)
     assert top == [oip.OutputSpec("probabilities", False, 3)]
 
@@ -102,12 +105,15 @@ def test_classification_strings_highest_first_ties_by_index():
 def test_mixed_json_and_binary_answer():
     scores = np.array([[0.25, 0.75]], dtype=np.float32)
     masks = {"m": np.array([[[0, 255], [7, 9]]], dtype=np.uint8)}
+    boxes = np.array([[3, 0, 70000, 9]])
     specs = [oip.OutputSpec("m", True), oip.OutputSpec("probabilities", False, 1),
-             oip.OutputSpec("probabilities", True)]
-    tensors = oip.output_tensors(specs, scores, masks, ["x", "y"])
+             oip.OutputSpec("probabilities", True), oip.OutputSpec("input_box", True),
+             oip.OutputSpec("input_box", False)]
+    tensors = oip.output_tensors(specs, scores, masks, ["x", "y"], boxes)
     body, length = oip.encode_response(tensors, specs, {"model_name": "demo"})
     head = json.loads(body[:length])
     assert head["model_name"] == "demo"
-    assert [o.get("parameters", {}).get("binary_data_size") for o in head["outputs"]] == [4, None, 8]
+    assert [o.get("parameters", {}).get("binary_data_size") for o in head["outputs"]] == [4, None, 8, 16, None]
     assert head["outputs"][1] == {"name": "probabilities", "datatype": "BYTES", "shape": [1, 1], "data": ["0.75:1:y"]}
-    assert body[length:] == bytes([0, 255, 7, 9]) + struct.pack("<2f", 0.25, 0.75)
+    assert head["outputs"][4] == {"name": "input_box", "datatype": "INT32", "shape": [1, 4], "data": [3, 0, 70000, 9]}
+    assert body[length:] == bytes([0, 255, 7, 9]) + struct.pack("<2f", 0.25, 0.75) + struct.pack("<4i", 3, 0, 70000, 9)
