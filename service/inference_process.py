@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from models import CheckpointError, CheckpointMetadata, Preprocessing
-from models.familiarity import Calibration
+from models.familiarity import Calibration, Detector
 
 from .batching import Unavailable
 from .inference import ImageResult
@@ -79,6 +79,14 @@ class RemoteModel:
     def input_shape(self) -> tuple[int, int, int]:
         pre = self.meta.preprocessing
         return (*pre.input_size, 3 if pre.color == "RGB" else 1)
+
+    @property
+    def calibration(self) -> Calibration | None:
+        return self.meta.calibration
+
+    @property
+    def detector(self) -> Detector | None:
+        return self.calibration.detector if self.calibration is not None else None
 
     def run(self, inputs: np.ndarray, attention: bool = False) -> list[ImageResult]:
         return self.process.run(self.name, inputs, attention)

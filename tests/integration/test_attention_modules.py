@@ -1,5 +1,5 @@
 """``modules=`` picks which attention modules' masks come back; original-size masks are spread over the decode pool
-and equal the feature-size mask resized (8-bit bilinear); bad names are 422 naming the bad one."""
+and equal the feature-size mask placed over the image (8-bit bilinear); bad names are 422 naming the bad one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from service_testing import image_bytes, model_dir_with, noise_image, serving
 
-from service.codec import resize_mask
+from service.codec import place_mask
 from tests.conftest import make_checkpoint
 
 pytestmark = pytest.mark.anyio
@@ -46,8 +46,10 @@ async def test_modules_selects_masks_in_network_order_and_implies_attention(mode
         for entry in some["attention"]:
             assert entry == by_module[entry["module"]]  # same masks, whichever way they were asked for
             feature, original = png(entry["png"]), png(entry["original"]["png"])
-            assert original.shape == (60 + 10 * i, 60 + 10 * i)  # each image's own size, in input order
-            np.testing.assert_array_equal(original, resize_mask(feature, *original.shape[::-1]))
+            side = 60 + 10 * i
+            assert original.shape == (side, side)  # each image's own size, in input order
+            placed = place_mask(feature, tuple(some["input_box"]), (side, side), (side, side))
+            np.testing.assert_array_equal(original, placed)
 
 
 async def test_bad_modules_are_422_naming_the_bad_one_before_the_body_is_read(models, tmp_path):

@@ -78,6 +78,44 @@ def test_worker_answers_like_the_model_in_this_process(gray_checkpoint, rgb_chec
         process.stop()
 
 
+# what a ModelRunner holds that only the worker needs; every other attribute the service may read, so a RemoteModel
+# must show it too (a new runner attribute makes this test fail until the worker passes it on)
+WORKER_ONLY = {"model", "device", "memory_format", "amp_dtype", "pixel_mean", "pixel_std"}
+
+
+def test_a_remote_model_shows_what_a_runner_shows_the_service(gray_checkpoint):
+    process = started({"gray": gray_checkpoint})
+    try:
+        local, remote = ModelRunner("gray", gray_checkpoint, amp_dtype="none"), process.models["gray"]
+        local.warm_up(SETTINGS["max_batch_size"])
+        public = {name for name in dir(local) if not name.startswith("_")} - WORKER_ONLY
+        for name in public:
+            value = getattr(local, name)
+            if not callable(value):
+                assert getattr(remote, name) == value, name
+        assert {"run", "warm_up"} <= {name for name in public if callable(getattr(local, name))}
+    finally:
+        process.stop()
+
+
+def test_familiarity_and_calibration_come_through_the_worker(tmp_path):
+    from tests.calibrated import make_calibrated_checkpoint, shapes
+
+    path = make_calibrated_checkpoint(tmp_path / "shapes.safetensors")
+    process = started({"shapes": path})
+    try:
+        local, remote = ModelRunner("shapes", path, amp_dtype="none"), process.models["shapes"]
+        assert remote.meta.calibration.to_json() == local.meta.calibration.to_json()
+        assert remote.meta.calibration.detector is not None
+        images = shapes(2, seed=3)[0].numpy()[..., None]
+        x = np.concatenate([images, pixels(local.input_shape, 2, seed=3)])  # drawn like the training data, noise
+        for want, got in zip(local.run(x), remote.run(x), strict=True):
+            assert got.familiar == want.familiar and got.familiarity == pytest.approx(want.familiarity, rel=1e-5)
+            np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+    finally:
+        process.stop()
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_worker_on_cuda_answers_like_the_cpu_runner_and_reports_its_memory(rgb_checkpoint):
