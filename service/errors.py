@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import batching, codec, inputs, limits, overlay, state
+from . import batching, codec, inputs, limits, masks, overlay, state
 from .audit import interface as audit
 from .metrics import Metrics
 
@@ -79,6 +79,7 @@ ERRORS: dict[type[Exception], str] = {
     batching.Unavailable: "not_ready",
     state.ModelNotFound: "model_not_found",
     state.InvalidParameter: "invalid_parameter",
+    masks.UnknownModule: "invalid_parameter",
     state.NotReady: "not_ready",
     state.MasksTooLarge: "response_too_large",
     state.ClientGone: "client_gone",

@@ -1,6 +1,6 @@
 """Model results → the per-image JSON of ``/v1`` predict (top-k lists, attention PNGs) and the audit record.
 
-PNG encoding is CPU work: the service runs :func:`mask_jobs` in the decode pool. Masks at the input image's size
+PNG encoding is CPU work: masks.py runs :func:`attention_entries` in the decode pool. Masks at the input image's size
 (``attention_size=original``) are scaled down to at most ``max_side`` on their longer side (aspect kept), and
 the service refuses a request whose original-size masks would exceed its byte budget before running it. Each
 image's ``input_box`` (the region of the original the model saw, from the codec) goes into its entry; an
@@ -10,7 +10,6 @@ original-size mask covers that box and is 0 outside it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,26 +51,10 @@ def attention_entries(masks: dict[str, np.ndarray], image: DecodedImage,
     return entries
 
 
-def mask_jobs(images: list[DecodedImage], results: list[ImageResult], *, original_size: bool, max_side: int,
-              modules: list[str] | None = None) -> list[list[tuple[Callable[..., Any], tuple]]]:
-    """The PNG work for each image, as (function, args) jobs for the decode pool whose results, concatenated in
-    order, are the image's attention entries: one job for an image's feature-size masks (small PNGs), one per
-    module with original-size masks (the costly ones, spread over the pool's threads). ``modules``: only those."""
-    jobs = []
-    for image, result in zip(images, results, strict=True):
-        masks = {k: v for k, v in (result.masks or {}).items() if modules is None or k in modules}
-        if not original_size:
-            jobs.append([(attention_entries, (masks, image, None))])
-            continue
-        original = capped_size(image.width, image.height, max_side)
-        jobs.append([(attention_entries, ({module: mask}, image, original)) for module, mask in masks.items()])
-    return jobs
-
-
 def predictions(runner: ModelRunner, images: list[DecodedImage], results: list[ImageResult], *, k: int,
                 attention: bool) -> list[dict[str, Any]]:
     """The top-k and ``input_box`` of each image (and an empty attention list where asked for;
-    :func:`mask_jobs` fill it)."""
+    masks.py fills it)."""
     items = []
     for image, result in zip(images, results, strict=True):
         item: dict[str, Any] = {"top_k": top_k(result.scores, runner.meta.class_names, k),

@@ -152,7 +152,10 @@ class _Connection:
 
     def run(self, model: str, inputs: np.ndarray, attention: bool) -> tuple[list[ImageResult], tuple[int, int]]:
         n = len(inputs)
-        self.layout.inputs(self.buffer, model, n)[...] = inputs
+        try:
+            self.layout.inputs(self.buffer, model, n)[...] = inputs
+        except ValueError as exc:  # a batch that does not fit: nothing was sent, the worker is fine
+            raise WorkerFailure(str(exc)) from None
         send(self.sock, Kind.RUN, RUN.pack(self.index[model], n, int(attention)))
         kind, body, _ = self.receive()
         if kind is Kind.FAILED:
@@ -246,7 +249,12 @@ class InferenceProcess:
                 raise InferenceUnavailable(f"the model cannot run now: {self.reason}")
             try:
                 results, (allocated, reserved) = conn.run(model, inputs, attention)
-            except (PeerGone, OSError) as exc:
+            except WorkerFailure:
+                raise  # this batch failed; the worker goes on
+            except Exception as exc:  # it died, or the exchange broke: a new worker must take over
+                if not isinstance(exc, (PeerGone, OSError)):
+                    log.error("the exchange with the inference worker broke (%r); replacing it", exc)
+                    conn.proc.kill()
                 self._set_state("restarting", "the inference worker stopped; restarting it")
                 raise InferenceUnavailable("the inference worker process stopped while running this batch; it "
                                            "is being restarted") from exc

@@ -18,7 +18,7 @@ import torch
 from fastapi import Depends
 from starlette.requests import Request
 
-from . import formatting
+from . import formatting, masks
 from .audit.factory import build_store, input_keeper
 from .batching import Batcher, DeadlineExceeded
 from .codec import DecodedImage, ImageTooLarge, finish, probe
@@ -260,14 +260,15 @@ class Service:
         if not self.ready:  # draining is no reason here: the route accepted this request (check_accepting) before
             raise NotReady("loading models: the service is starting up")  # the signal, while its body was read
         runner = self.runner(model)
-        k, modules = self._top_k(runner, top_k), self.select_modules(runner, modules)
+        k, modules = self._top_k(runner, top_k), masks.select_modules(runner, modules)
         attention = attention or modules is not None
         work = asyncio.ensure_future(self._classify(runner, blobs, attention and runner.has_attention,
                                                     original_size and attention, deadline, modules))
         images, results = await _first_of(work, until_gone)
         items = formatting.predictions(runner, images, results, k=k, attention=attention)
         if attention:
-            await self._add_masks(images, results, items, original_size, modules)
+            await masks.add_masks(self.decode_pool, images, results, items, original_size=original_size,
+                                  modules=modules, max_side=self.settings.max_mask_side)
         prediction = Prediction(runner, images, results, items, k)
         await self._record(formatting.audit_record(prediction, route=route, started=started),
                            [image.kept for image in images])
@@ -278,31 +279,6 @@ class Service:
         Best-effort: queued. Durable (``MACULA_AUDIT_DURABLE``): committed before the answer, or StoreUnavailable
         (503 ``audit_unavailable``)."""
         await self.audit.save(record, inputs)
-
-    async def _add_masks(self, images: list[DecodedImage], results: list[ImageResult], items: list[dict[str, Any]],
-                         original_size: bool, modules: list[str] | None) -> None:
-        """Fill each item's attention entries: PNG encoding is CPU work, spread over the decode pool's threads."""
-        share = self.decode_pool.share()
-        jobs = formatting.mask_jobs(images, results, original_size=original_size, modules=modules,
-                                    max_side=self.settings.max_mask_side)
-        done = await asyncio.gather(*(asyncio.gather(*(self.decode_pool.run(share, fn, *args) for fn, args in image))
-                                      for image in jobs))
-        for item, parts in zip(items, done, strict=True):
-            item["attention"] = [entry for part in parts for entry in part]
-
-    @staticmethod
-    def select_modules(runner: ModelRunner, modules: Sequence[str] | None) -> list[str] | None:
-        """The attention modules asked for, checked against the model's, in network order (None: all of them)."""
-        if modules is None:
-            return None
-        known = runner.attention_modules if runner.has_attention else []
-        if not known:
-            raise InvalidParameter(f"model {runner.name!r} has no attention modules; leave out 'modules'")
-        for name in modules:
-            if name not in known:
-                raise InvalidParameter(f"unknown attention module {name!r} in 'modules'; model {runner.name!r} has: "
-                                       f"{', '.join(known)}")
-        return [name for name in known if name in modules]
 
     @staticmethod
     def _top_k(runner: ModelRunner, top_k: int | None) -> int:

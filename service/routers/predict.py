@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from ..errors import responses
 from ..inputs import read_images
+from ..masks import select_modules
 from ..state import InvalidParameter, ServiceDep, wait_disconnect
 from .query import refuse_unknown
 
@@ -61,7 +62,7 @@ async def _predict(request: Request, service: ServiceDep, name: str | None, *, t
                    attention_size: str, modules: str | None, route: str) -> dict[str, Any]:
     settings = service.settings
     service.check_accepting()
-    selected = service.select_modules(service.runner(name), module_list(modules))  # 404, 422 before the body is read
+    selected = select_modules(service.runner(name), module_list(modules))  # 404, 422 before the body is read
     blobs = await read_images(request, field="file", max_images=settings.max_images_per_request,
                               max_bytes=settings.max_body_bytes, max_depth=settings.json_max_depth)
     done = await service.predict(name, blobs, route=route, top_k=top_k, attention=attention,
