@@ -71,6 +71,19 @@ class SqliteBackend(SqlBackend):
         if self._conn is None:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             try:
+                self._set_up(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """Pragmas and migration. Switching a fresh file to WAL takes an exclusive lock without waiting on the busy
+        handler, so replicas starting at once on one new file retry that step until ``BUSY_TIMEOUT_S``."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
                 conn.execute("PRAGMA foreign_keys=ON")
                 if self.path != MEMORY:
                     conn.execute("PRAGMA journal_mode=WAL")
@@ -78,11 +91,13 @@ class SqliteBackend(SqlBackend):
                 conn.execute("BEGIN IMMEDIATE")
                 self._migrate(conn.cursor())
                 conn.execute("COMMIT")
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
+                return
+            except sqlite3.OperationalError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Cursor]:

@@ -1,4 +1,4 @@
-"""Browser fixtures for the e2e tests: one headless chromium per session, one guarded context per page.
+"""Browser fixtures for the e2e tests: one headless chromium per module, one guarded context per page.
 
 A page opened through ``open_page`` fails its test at teardown if it made any request outside the app's
 origin. Screenshots taken with ``screenshot`` are listed at the end of the run (they live under runs/).
@@ -16,9 +16,11 @@ from tests.e2e.browser import CHROMIUM_ARGS, RequestGuard, chromium_path, origin
 SAVED_SCREENSHOTS: list[Path] = []
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
-    """Debian's chromium, headless, driven by Playwright (no browser download)."""
+    """Debian's chromium, headless, driven by Playwright (no browser download). One per module, not per session:
+    Playwright's sync API marks an event loop as running in the main thread while it is open, and every asyncio
+    test run after it in the same process would fail."""
     executable = chromium_path()
     if executable is None:
         pytest.skip("Debian's chromium is not installed (make system-deps installs it)")

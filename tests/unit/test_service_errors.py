@@ -20,7 +20,8 @@ def test_every_error_has_one_status_code_and_reason():
         assert code in CODES, cls
         assert classify(cls.__new__(cls))[0] == code, cls
     assert {rule.reason for rule in CODES.values()} - {None} <= REJECTION_REASONS
-    assert [code for code, rule in CODES.items() if rule.reason is None] == ["internal_error"]
+    # no rejection reason: the server's own faults (a bug; the audit store down in durable mode), counted elsewhere
+    assert {code for code, rule in CODES.items() if rule.reason is None} == {"internal_error", "audit_unavailable"}
 
 
 def test_framework_errors_keep_a_4xx():
