@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.lone_client --models resnet18,resnet50 --rounds 5 --requests 20
     MACULA_AMP_DTYPE=none .venv/bin/python -m bench.lone_client ...            # float32 on a bf16-capable CPU
     .venv/bin/python -m bench.lone_client --load-clients 32 --load-seconds 8   # + throughput at 32 clients (wrk)
+    .venv/bin/python -m bench.lone_client --query 'attention=true&attention_size=original'   # masks too
     git worktree add /tmp/before <commit> && .venv/bin/python -m bench.lone_client --before /tmp/before
 
 For each model it starts one Macula server per form (``thread``: ``MACULA_INFERENCE_PROCESS=false``, the models on
@@ -80,13 +81,15 @@ def raw_forward_ms(runner, pixels, count: int) -> float:
     return statistics.median(times)
 
 
-def served_round(client: httpx.Client, server: RunningServer, key: str, jpeg: bytes, count: int) -> dict:
+def served_round(client: httpx.Client, server: RunningServer, key: str, jpeg: bytes, count: int,
+                 query: str = "") -> dict:
     """``count`` sequential requests: median latency, mean in-server forward, context switches and CPU per request."""
     before, (switches, cpu) = macula_stats(server.launch, key), switches_and_cpu(server.proc.pid)
     times = []
     for _ in range(count):
         start = time.perf_counter()
-        client.post(server.launch.predict_url, content=jpeg, headers={"Content-Type": "image/jpeg"}).raise_for_status()
+        client.post(server.launch.predict_url + (f"?{query}" if query else ""), content=jpeg,
+                    headers={"Content-Type": "image/jpeg"}).raise_for_status()
         times.append((time.perf_counter() - start) * 1000)
     after_switches, after_cpu = switches_and_cpu(server.proc.pid)
     means = means_between(before, macula_stats(server.launch, key))
@@ -121,7 +124,7 @@ def measure_model(key: str, args: argparse.Namespace, jpeg_path: Path) -> dict:
             for r in range(args.rounds):
                 row = {"raw_ms": raw_forward_ms(runner, pixels, args.requests)}
                 for form, server in servers.items():
-                    row[form] = served_round(client, server, key, jpeg, args.requests)
+                    row[form] = served_round(client, server, key, jpeg, args.requests, args.query)
                     if args.load_clients:
                         row[form]["req_per_s_loaded"] = run_wrk(server.launch.predict_url, jpeg_path,
                                                                 concurrency=args.load_clients,
@@ -180,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--load-clients", type=int, default=0, help="also run wrk with this many clients per round")
     p.add_argument("--load-seconds", type=float, default=8.0)
     p.add_argument("--port", type=int, default=8300)
+    p.add_argument("--query", default="", help="query string of every request, e.g. attention=true")
     p.add_argument("--before", type=Path, help="a checkout whose service package runs as the form 'before'")
     p.add_argument("--forms", type=lambda s: s.split(","), default=list(FORMS), help=f"of {', '.join(FORMS)}")
     p.add_argument("--form", type=parse_form, action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",

@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.omp_teams --model resnet18 --rounds 3
     .venv/bin/python -m bench.omp_teams --spin-counts 0,10000,300000      # + GOMP_SPINCOUNT variants
+    .venv/bin/python -m bench.omp_teams --gaps                            # the gaps between a forward's ops
 
 libgomp (torch's OpenMP runtime on Linux) gives every thread that runs a parallel op a team of its own, and once
 the process holds more OpenMP threads than there are cores it stops spinning between parallel regions: each op
@@ -78,6 +79,33 @@ def measure(config: str, model_key: str, iters: int) -> dict:
     return in_thread(lambda: timed(*build()))
 
 
+def op_gaps(model_key: str, forwards: int = 5) -> dict:
+    """Microseconds between consecutive top-level ops of a batch-1 forward (torch.profiler): how long a helper
+    thread must keep spinning to be awake for the next op."""
+    import numpy as np
+    import torch
+
+    from bench.limits import as_served
+    from bench.payload import BENCH_MODELS
+    from service.inference import cpu_has_native_bf16
+
+    spec = BENCH_MODELS[model_key]
+    net, autocast = as_served(spec.build().eval(), "bfloat16" if cpu_has_native_bf16() else "float32")
+    net, x = net.to(memory_format=torch.channels_last), spec.random_batch(1)
+    with torch.inference_mode(), autocast():
+        for _ in range(3):
+            net(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(forwards):
+                net(x)
+    ops = sorted((e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")),
+                 key=lambda e: e.time_range.start)
+    gaps = np.array([b.time_range.start - a.time_range.end for a, b in zip(ops, ops[1:], strict=False)])
+    gaps = gaps[gaps < 20_000]  # not the pause between two forwards
+    p50, p90, p99 = np.percentile(gaps, [50, 90, 99])
+    return {"ops_per_forward": len(ops) // forwards, "gap_us_p50": p50, "gap_us_p90": p90, "gap_us_p99": p99}
+
+
 def run_child(config: str, args: argparse.Namespace, spin: str | None) -> dict:
     env = dict(os.environ)
     if spin is not None:
@@ -93,8 +121,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--spin-counts", type=lambda s: s.split(","), default=[], help="GOMP_SPINCOUNT values to add")
+    p.add_argument("--gaps", action="store_true", help="only profile the gaps between a forward's ops")
     p.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.gaps:
+        gaps = op_gaps(args.model)
+        print(f"{args.model}: {gaps['ops_per_forward']} top-level ops per forward; gaps between them "
+              f"p50 {gaps['gap_us_p50']:.0f} µs, p90 {gaps['gap_us_p90']:.0f} µs, p99 {gaps['gap_us_p99']:.0f} µs")
+        return [gaps]
     if args.child:
         print(json.dumps(measure(args.child, args.model, args.iters)))
         return []
