@@ -214,10 +214,10 @@ def test_the_worker_dies_with_the_server_even_on_sigkill(tmp_path, gray_checkpoi
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:  # a zombie (already dead, not yet reaped) counts as gone
+            return stat.read().split(") ")[1][0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie (already dead, not yet reaped by init) counts as gone
-        return stat.read().split(") ")[1][0] != "Z"
 
 
 async def test_the_app_in_process_mode_answers_like_thread_mode(model_dir, tmp_path):
@@ -258,3 +258,38 @@ async def test_readiness_says_why_while_loading_and_the_port_is_open_meanwhile(m
         assert health.status_code == 200
         assert predict.status_code == 503 and predict.json()["code"] == "not_ready"
         assert ready.status_code == 200
+
+
+async def test_a_dead_worker_turns_into_503s_then_the_app_serves_again(model_dir, tmp_path):
+    blob = image_bytes(noise_image(5))
+    async with serving(model_dir, tmp_path, inference_process=True) as (app, client):
+        before = await client.post("/v1/predict", content=blob, headers=PNG)
+        pid = app.state.service.process._conn.proc.pid
+        os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            await asyncio.sleep(0.01)
+        seen = set()
+        while True:  # until the new worker serves
+            ready, health = await client.get("/readyz"), await client.get("/healthz")
+            assert health.status_code == 200
+            if ready.status_code == 200:
+                break
+            seen.add(ready.json()["reason"])
+            refused = await client.post("/v1/predict", content=blob, headers=PNG)
+            assert (refused.status_code, refused.json()["code"]) == (503, "not_ready")
+            assert refused.headers["Retry-After"]
+            await asyncio.sleep(0.02)
+        after = await client.post("/v1/predict", content=blob, headers=PNG)
+        restarts = metric_samples((await client.get("/metrics")).text, "macula_inference_worker_restarts_total")
+    assert seen == {"restarting"} and restarts == {(): 1.0}
+    assert before.status_code == after.status_code == 200
+    assert_same_predictions(after.json()["predictions"], before.json()["predictions"])
+
+
+def test_the_cli_exits_non_zero_when_the_models_cannot_load(tmp_path, gray_checkpoint):
+    models = model_dir_with(tmp_path / "models", gray=gray_checkpoint)
+    (models / "broken.safetensors").write_bytes(b"\0" * 100)
+    run = subprocess.run([sys.executable, "-m", "service", "--model-dir", str(models), "--port", "0",
+                          "--audit-db", ""], capture_output=True, text=True, timeout=240,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert run.returncode != 0 and "broken.safetensors" in run.stderr, run.stderr[-2000:]
