@@ -283,6 +283,8 @@ class InferenceProcess:
                 self._conn = conn
             self._set_state("ready", "")
             code = conn.proc.wait()
+            if not self._stopping.is_set():
+                self._set_state("restarting", f"the inference worker exited (status {code}); restarting it")
             with self._lock:  # a batch in flight sees the end of its stream first
                 self._conn = None
             conn.close()
@@ -291,7 +293,6 @@ class InferenceProcess:
             log.error("the inference worker (pid %d) exited with status %s; restarting it", conn.proc.pid, code)
             if self.metrics is not None:
                 self.metrics.worker_restarted()
-            self._set_state("restarting", f"the inference worker exited (status {code}); restarting it")
             failures = failures + 1 if time.monotonic() - conn.started < YOUNG_S else 0
             if failures:
                 self._stopping.wait(min(YOUNG_S, 2.0 ** (failures - 1)))

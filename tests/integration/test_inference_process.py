@@ -264,9 +264,8 @@ async def test_a_dead_worker_turns_into_503s_then_the_app_serves_again(model_dir
     blob = image_bytes(noise_image(5))
     async with serving(model_dir, tmp_path, inference_process=True) as (app, client):
         before = await client.post("/v1/predict", content=blob, headers=PNG)
-        pid = app.state.service.process._conn.proc.pid
-        os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
+        os.kill(app.state.service.process._conn.proc.pid, signal.SIGKILL)
+        while (await client.get("/readyz")).status_code == 200:  # until the server has noticed
             await asyncio.sleep(0.01)
         seen = set()
         while True:  # until the new worker serves
