@@ -158,6 +158,7 @@ class Metrics:
             self.model_info.remove(*old)
         self._model_info[name] = labels
         self.model_info.labels(*labels).set(1)
+        self.unfamiliar_inputs_total.labels(name)  # exported at 0 from the start, so rate() and the panel have data
 
     def remove_model(self, name: str) -> None:
         """Forget a model that is no longer served (its info series disappears)."""

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from .interface import InvalidQuery
 
 MAX_LIMIT = 500
+MAX_IMAGE_INDEX = 10_000  # far above any request's image count; keeps an image index a small integer for the store
 DEFAULT_LIMIT = 50
 
 

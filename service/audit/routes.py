@@ -16,14 +16,14 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ServiceError, responses
 from ..routers.query import strict
 from .interface import Summary
-from .query import DEFAULT_LIMIT, MAX_LIMIT, Filters, parse_time
+from .query import DEFAULT_LIMIT, MAX_IMAGE_INDEX, MAX_LIMIT, Filters, parse_time
 from .sql import EXPORT_PAGE
 from .store import AuditStore
 
@@ -132,14 +132,15 @@ async def get_prediction(request: Request, prediction_id: str) -> dict[str, Any]
     return record
 
 
-IMAGE_TYPES = {200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}, **responses(401, 404, 503)}
+IMAGE_TYPES = {200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}, **responses(401, 404, 422, 503)}
 
 
 @router.get("/predictions/{prediction_id}/images/{n}", summary="The input image kept for a prediction",
             response_class=Response, responses=IMAGE_TYPES)
-async def get_image(request: Request, prediction_id: str, n: int) -> Response:
+async def get_image(request: Request, prediction_id: str,
+                    n: int = Path(ge=0, le=MAX_IMAGE_INDEX, description="which image of the prediction")) -> Response:
     store = _store(request)
-    kept = await run_in_threadpool(store.kept_input, prediction_id, n) if _valid_id(prediction_id) and n >= 0 else None
+    kept = await run_in_threadpool(store.kept_input, prediction_id, n) if _valid_id(prediction_id) else None
     if kept is None:
         if not _valid_id(prediction_id) or await run_in_threadpool(store.get, prediction_id) is None:
             raise _not_found(prediction_id)

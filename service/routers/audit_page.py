@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from .. import errors
+from ..audit.query import MAX_IMAGE_INDEX
 from ..errors import ServiceError
 from ..overlay import COLORMAPS, DEFAULT_COLORMAP, colormap_table, open_kept_input, record_overlay_png
 from ..state import ServiceDep
@@ -39,7 +40,6 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 
-MAX_IMAGE_INDEX = 10_000  # far above any request's image count; keeps the index a small integer for the store
 router = APIRouter(tags=["audit page"], include_in_schema=False)
 overlays = APIRouter(prefix="/v1", tags=["audit"])
 Colormap = Literal[COLORMAPS]  # type: ignore[valid-type]

@@ -91,6 +91,9 @@ async def test_search_export_and_kept_images(model_dir, tmp_path):
         assert missing.status_code == 404 and missing.json()["code"] == "image_not_found"
         nobody = await client.get(f"/v1/predictions/{'0' * 32}/images/0")
         assert nobody.status_code == 404 and nobody.json()["code"] == "prediction_not_found"
+        for n in ("-1", "884370753790986205225903982976696320"):  # the second was a 500 (SQLite integer overflow)
+            bad = await client.get(f"/v1/predictions/{first['id']}/images/{n}")
+            assert bad.status_code == 422 and bad.json()["code"] == "invalid_parameter", bad.text
 
 
 @pytest.mark.parametrize("params", [{"lable": "cat"}, {"cursor": "not-ours"}, {"since": "yesterday"},
