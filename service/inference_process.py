@@ -43,7 +43,7 @@ log = logging.getLogger("service.inference_process")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 1.0  # how often a blocked read checks that the worker is still alive
 YOUNG_S = 30.0  # a worker that dies younger than this makes the next restart wait (1, 2, 4 ... 30 s)
-SECRET_SETTINGS = {"api_key"}  # never handed to the worker (it does not need them)
+SECRET_SETTINGS = {"api_key", "audit_url"}  # never handed to the worker (it does not need them)
 
 
 class InferenceUnavailable(Unavailable):
