@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     http_server = DrainingServer(server.config(app, settings))
     exit_0_after_shutdown(http_server)
     http_server.run()
+    if app.state.service.start_error is not None:  # the models failed to load after the port opened
+        raise SystemExit(f"could not start: {app.state.service.start_error}")
 
 
 if __name__ == "__main__":

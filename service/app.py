@@ -95,7 +95,7 @@ class DrainGuard:
 def _lifespan(service: Service):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await service.start()
+        service.begin_start()  # in the background: the port opens now, /readyz answers 503 with the reason
         try:
             yield
         finally:

@@ -42,6 +42,11 @@ class InferenceFailed(Exception):
         super().__init__("inference failed for this image; the failure was logged on the server")
 
 
+class Unavailable(Exception):
+    """The model cannot run at all right now (its worker process is restarting): ``run_batch`` raises it, and every
+    image of the batch gets it as it is; the batch is not split (no half could run either)."""
+
+
 class Cancellable(Protocol):
     def cancelled(self) -> bool: ...
 
@@ -279,6 +284,10 @@ class Batcher:
             results = self.run_batch(model, np.stack([e.inputs for e in batch]), any(e.attention for e in batch))
             if len(results) != len(batch):
                 raise RuntimeError(f"model {model!r} returned {len(results)} results for {len(batch)} inputs")
+        except Unavailable as exc:
+            for entry in batch:
+                _deliver(entry, error=exc)
+            return
         except Exception as exc:  # noqa: BLE001 - the worker must outlive any batch
             if len(batch) > 1:
                 half = len(batch) // 2

@@ -352,10 +352,10 @@ def finish(opened: Opened, data: bytes, pre: Preprocessing,
     return DecodedImage(pixels, width, height, hashlib.sha256(data).hexdigest(), len(data), box, kept)
 
 
-def png_base64(mask: np.ndarray) -> str:
-    """uint8 (H, W) → base64 of an 8-bit greyscale PNG."""
+def png_base64(mask: np.ndarray, compress_level: int = 6) -> str:
+    """uint8 (H, W) → base64 of an 8-bit greyscale PNG (zlib ``compress_level``, 0-9)."""
     buf = BytesIO()
-    Image.fromarray(np.ascontiguousarray(mask), mode="L").save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(mask), mode="L").save(buf, format="PNG", compress_level=compress_level)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import batching, codec, inputs, limits, overlay, state
+from . import batching, codec, inputs, limits, masks, overlay, state
 from .audit import interface as audit
 from .metrics import Metrics
 
@@ -76,8 +76,10 @@ ERRORS: dict[type[Exception], str] = {
     batching.QueueFull: "overloaded",
     batching.DeadlineExceeded: "deadline_exceeded",
     batching.InferenceFailed: "internal_error",
+    batching.Unavailable: "not_ready",
     state.ModelNotFound: "model_not_found",
     state.InvalidParameter: "invalid_parameter",
+    masks.UnknownModule: "invalid_parameter",
     state.NotReady: "not_ready",
     state.MasksTooLarge: "response_too_large",
     state.ClientGone: "client_gone",
@@ -109,11 +111,13 @@ class ErrorBody(BaseModel):
     code: str
 
 
-def error_response(code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(code: str, detail: str, headers: dict[str, str] | None = None, *,
+                   extra: dict[str, Any] | None = None) -> JSONResponse:
+    """The error body ``{"detail", "code"}`` (plus ``extra`` fields, e.g. readiness's ``reason``)."""
     rule = CODES[code]
     if rule.retry_after:
         headers = {"Retry-After": "1", **(headers or {})}
-    return JSONResponse({"detail": detail, "code": code}, status_code=rule.status, headers=headers)
+    return JSONResponse({"detail": detail, "code": code, **(extra or {})}, status_code=rule.status, headers=headers)
 
 
 def classify(exc: BaseException) -> tuple[str, str, dict[str, str] | None]:

@@ -87,6 +87,8 @@ class Metrics:
         self.audit_records_written_total = Counter("macula_audit_records_written", "Audit records stored", registry=r)
         self.audit_write_failures_total = Counter("macula_audit_write_failures", "Audit records dropped (queue full "
                                                   "or database error)", registry=r)
+        self.worker_restarts_total = Counter("macula_inference_worker_restarts", "Times the inference worker "
+                                             "process died and was started again", registry=r)
         self.gpu_memory_bytes = Gauge("macula_gpu_memory_bytes", "CUDA memory held by torch's caching allocator",
                                       ["device", "kind"], registry=r)
 
@@ -181,6 +183,14 @@ class Metrics:
 
     def audit_failed(self, count: int = 1) -> None:
         self.audit_write_failures_total.inc(count)
+
+    def worker_restarted(self) -> None:
+        self.worker_restarts_total.inc()
+
+    def set_gpu_memory(self, device: str, allocated: int, reserved: int) -> None:
+        """CUDA memory as the inference worker process reports it after each batch."""
+        self.gpu_memory_bytes.labels(device, "allocated").set(allocated)
+        self.gpu_memory_bytes.labels(device, "reserved").set(reserved)
 
     def update_gpu_memory(self) -> None:
         """Read torch's CUDA memory counters; a no-op unless this process already uses CUDA."""

@@ -100,3 +100,10 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.config.app.state.service.begin_drain()
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        """Also stop when the service could not start (models load after the port opened): the process then
+        exits non-zero (``python -m service``) instead of answering 503 for ever."""
+        if self.config.app.state.service.start_error is not None:
+            self.should_exit = True
+        return await super().on_tick(counter)

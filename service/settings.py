@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     compile: Literal["auto", "on", "off"] = "auto"  # the compiled serving form (service/compiled.py, docs/api.md)
     compile_cache: Path | None = None  # default: MODEL_DIR/.compile-cache
     torch_threads: int | None = Field(None, ge=1)
+    inference_process: bool = True  # run the models in a worker process of their own (service/worker.py)
+    omp_spin_count: int = Field(10_000, ge=0)  # the worker's GOMP_SPINCOUNT (unless the environment sets one)
     decode_threads: int | None = Field(None, ge=1)
     max_batch_size: int | None = Field(None, ge=1)
     max_batch_delay_ms: float | None = Field(None, ge=0)

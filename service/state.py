@@ -18,13 +18,14 @@ import torch
 from fastapi import Depends
 from starlette.requests import Request
 
-from . import formatting
+from . import formatting, masks
 from .audit.factory import build_store, input_keeper
 from .batching import Batcher, DeadlineExceeded
 from .codec import DecodedImage, ImageTooLarge, finish, probe
 from .compiling import Compiler
 from .decoding import DecodePool, Share
 from .inference import ImageResult, ModelRunner
+from .inference_process import InferenceProcess
 from .metrics import Metrics
 from .settings import Settings
 
@@ -44,8 +45,10 @@ class InvalidParameter(Exception):
 
 
 class NotReady(Exception):
-    def __init__(self, detail: str = "the service is not ready (starting up or shutting down)") -> None:
+    def __init__(self, detail: str = "the service is not ready (starting up or shutting down)",
+                 reason: str = "starting") -> None:
         super().__init__(detail)
+        self.reason = reason
 
 
 class MasksTooLarge(Exception):
@@ -83,7 +86,11 @@ class Service:
         self.decode_pool = DecodePool(settings.decode_workers(), budget_bytes=settings.decode_memory_bytes)
         self.audit = build_store(settings, metrics)            # the audit trail: service/audit
         self.keep_input = input_keeper(settings, self.audit)   # MACULA_AUDIT_INPUTS, made in the decode step
-        self.compiler = Compiler(settings, metrics, max_batch=self.max_batch_size)
+        self.compiler = Compiler(settings, metrics, max_batch=self.max_batch_size)  # thread mode; else the worker's
+        self.process: InferenceProcess | None = None  # the inference worker (settings.inference_process)
+        self.status = "starting"  # what the start is doing now (readiness reason)
+        self.start_error: BaseException | None = None
+        self._start_task: asyncio.Task | None = None
         self.ready = False
         self.draining = False
         self.drain_expired = False  # True shortly before the drain timeout: answer everything now
@@ -92,49 +99,84 @@ class Service:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def load(self) -> None:
-        """Load every checkpoint (blocking; run it in a thread) and start the inference thread."""
-        paths = find_checkpoints(self.settings.model_dir)
+    def begin_start(self) -> asyncio.Task:
+        """Start loading in the background (the port opens meanwhile; /readyz says why it is not ready yet)."""
+        self._start_task = asyncio.ensure_future(self.start())
+        self._start_task.add_done_callback(self._started)
+        return self._start_task
+
+    async def wait_started(self) -> None:
+        """Return once ready; raise what stopped the start."""
+        await asyncio.shield(self._start_task)
+
+    def _started(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.start_error = task.exception()
+            log.error("the service could not start: %s", self.start_error, exc_info=self.start_error)
+
+    async def start(self) -> None:
+        """Load and warm up every model, in the inference worker process (``inference_process``, where the forward
+        runs at its raw speed: docs/benchmarks.md) or in this process; then serve."""
+        self._loop = asyncio.get_running_loop()
+        paths = await asyncio.to_thread(find_checkpoints, self.settings.model_dir)
         if not paths:
             raise FileNotFoundError(f"no *.safetensors checkpoints in {self.settings.model_dir}")
-        for name, path in paths.items():
-            self.runners[name] = ModelRunner(name, path, device=self.device, amp_dtype=self.settings.amp_dtype,
-                                             channels_last=self.settings.channels_last)
-            meta = self.runners[name].meta
-            self.metrics.set_model_info(name, meta.version, meta.arch["name"], meta.arch.get("attention"))
-            if self.runners[name].detector is not None:  # exported at 0 from the start, so rate() has data
-                self.metrics.unfamiliar_inputs_total.labels(name)
-            log.info("loaded model %r (%s, version %s, %s) from %s", name, meta.arch["name"], meta.version,
-                     self.runners[name].precision, path)
-        self.default_model = self._pick_default()
-        threads = self.settings.torch_threads or torch.get_num_threads()
-        self.batcher = Batcher(self._run_batch, list(self.runners), max_size=self.max_batch_size,
+        self.default_model = self._pick_default(list(paths))
+        in_process = self.settings.inference_process
+        threads = None if in_process else self.settings.torch_threads or torch.get_num_threads()
+        self.batcher = Batcher(self._run_batch, list(paths), max_size=self.max_batch_size,
                                max_delay=self.max_batch_delay, max_queue=self.settings.max_queue,
                                timeout_s=self.settings.request_timeout_s, torch_threads=threads, metrics=self.metrics)
         self.batcher.start()
-        self.compiler.bind(list(self.runners.values()), self.batcher.call, threads)
-
-    def _pick_default(self) -> str:
-        wanted = self.settings.default_model
-        if wanted is not None:
-            if wanted not in self.runners:
-                raise ValueError(f"default model {wanted!r} is not in {self.settings.model_dir} "
-                                 f"(found: {', '.join(self.runners)})")
-            return wanted
-        return "demo" if "demo" in self.runners else min(self.runners)
-
-    async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self.load)
-        await asyncio.to_thread(self.compiler.load_cached)  # a warm compile cache: compiled before warm-up
-        for runner in self.runners.values():
-            await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
+        if in_process:
+            self.process = InferenceProcess(self.settings, paths, metrics=self.metrics, on_change=self._publish_ready)
+            self.process.start()
+            self.runners = await asyncio.to_thread(self.process.wait_ready)
+        else:
+            await self._load_in_thread(paths, threads)
+        for name, runner in self.runners.items():
+            meta = runner.meta
+            self.metrics.set_model_info(name, meta.version, meta.arch["name"], meta.arch.get("attention"))
+            if runner.detector is not None:  # exported at 0 from the start, so rate() has data
+                self.metrics.unfamiliar_inputs_total.labels(name)
+            log.info("loaded model %r (%s, version %s, %s) from %s", name, meta.arch["name"], meta.version,
+                     runner.precision, runner.path)
+        self.status = "opening the audit store"
         await asyncio.to_thread(self.audit.start)   # opens (and migrates) the database: not on the event loop
         self.ready = True
-        self.metrics.set_ready(True)
-        self.compiler.start_background()  # forms not in the cache: built aside, swapped in when ready
-        log.info("ready: %d model(s) on %s, batches up to %d, delay %.1f ms", len(self.runners), self.device,
-                 self.max_batch_size, 1000 * self.max_batch_delay)
+        self._publish_ready()
+        if not in_process:
+            self.compiler.start_background()  # forms not in the cache: built aside, swapped in when ready
+        log.info("ready: %d model(s) on %s%s, batches up to %d, delay %.1f ms", len(self.runners), self.device,
+                 " in the inference worker process" if in_process else "", self.max_batch_size,
+                 1000 * self.max_batch_delay)
+
+    async def _load_in_thread(self, paths: dict[str, Path], threads: int) -> None:
+        """Load in a helper thread, serve the cached compiled forms, warm up on the inference thread
+        (``inference_process=false``; the worker process does the same for itself)."""
+        for name, path in paths.items():
+            self.status = f"loading: model {name!r}"
+            self.runners[name] = await asyncio.to_thread(
+                ModelRunner, name, path, device=self.device, amp_dtype=self.settings.amp_dtype,
+                channels_last=self.settings.channels_last)
+        self.compiler.bind(list(self.runners.values()), self.batcher.call, threads)
+        self.status = "loading the compiled forms"
+        await asyncio.to_thread(self.compiler.load_cached)  # a warm compile cache: compiled before warm-up
+        for name, runner in self.runners.items():
+            self.status = f"warming up: model {name!r}"
+            await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
+
+    def _pick_default(self, names: list[str]) -> str:
+        wanted = self.settings.default_model
+        if wanted is not None:
+            if wanted not in names:
+                raise ValueError(f"default model {wanted!r} is not in {self.settings.model_dir} "
+                                 f"(found: {', '.join(names)})")
+            return wanted
+        return "demo" if "demo" in names else min(names)
+
+    def _publish_ready(self) -> None:
+        self.metrics.set_ready(self.accepting)
 
     def begin_drain(self) -> None:
         """Stop taking new work (SIGTERM): readiness goes 503 at once; accepted requests still finish, and those
@@ -169,10 +211,14 @@ class Service:
     async def stop(self) -> None:
         self.begin_drain()
         await asyncio.to_thread(self.compiler.stop)
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()  # still loading: nothing was accepted yet
         if self.batcher is not None:
             finished = await asyncio.to_thread(self.batcher.stop, self.settings.drain_timeout_s)
             if not finished:
                 log.error("inference queue not drained within %.0f s", self.settings.drain_timeout_s)
+        if self.process is not None:
+            await asyncio.to_thread(self.process.stop)
         await asyncio.to_thread(self.audit.close, 10.0)
         self.decode_pool.shutdown()
 
@@ -180,12 +226,25 @@ class Service:
 
     @property
     def accepting(self) -> bool:
-        return self.ready and not self.draining
+        return self.ready and not self.draining and (self.process is None or self.process.ready)
+
+    def not_ready_reason(self) -> tuple[str, str]:
+        """(reason, what is going on, for a human) while not accepting: the reason is one of ``loading``,
+        ``warming up``, ``starting``, ``restarting``, ``failed``, ``draining``."""
+        if self.draining:
+            return "draining", "draining: the service is shutting down"
+        if self.start_error is not None:
+            return "failed", f"the service could not start: {self.start_error}"
+        process = self.process
+        status = process.reason if process is not None and process.state != "ready" else self.status
+        if process is not None and process.state == "restarting":
+            return "restarting", status
+        return status.split(":")[0] if status.startswith(("loading", "warming up")) else "starting", status
 
     def check_accepting(self) -> None:
         if not self.accepting:
-            raise NotReady("draining: the service is shutting down" if self.draining else
-                           "loading models: the service is starting up")
+            reason, detail = self.not_ready_reason()
+            raise NotReady(detail, reason)
 
     def runner(self, name: str | None) -> ModelRunner:
         name = name or self.default_model
@@ -202,23 +261,25 @@ class Service:
         return await self.decode_pool.run(self.decode_pool.share(), fn, *args)
 
     async def predict(self, model: str | None, blobs: Sequence[bytes], *, route: str, top_k: int | None = None,
-                      attention: bool = False, original_size: bool = False,
+                      attention: bool = False, original_size: bool = False, modules: Sequence[str] | None = None,
                       until_gone: Callable[[], Awaitable[Any]] | None = None) -> Prediction:
         """Classify ``blobs`` (encoded images) with ``model`` (None: the default). The request's deadline
         (``request_timeout_s`` from now) covers decoding, queueing and inference; ``until_gone`` returns when the
-        client has left (its queued images are then skipped: :class:`ClientGone`)."""
+        client has left (its queued images are then skipped: :class:`ClientGone`). ``modules``: return only these
+        attention modules' masks (implies ``attention``)."""
         started, deadline = time.perf_counter(), time.monotonic() + self.settings.request_timeout_s
         if not self.ready:  # draining is no reason here: the route accepted this request (check_accepting) before
             raise NotReady("loading models: the service is starting up")  # the signal, while its body was read
         runner = self.runner(model)
-        k = self._top_k(runner, top_k)
+        k, modules = self._top_k(runner, top_k), masks.select_modules(runner, modules)
+        attention = attention or modules is not None
         work = asyncio.ensure_future(self._classify(runner, blobs, attention and runner.has_attention,
-                                                    original_size and attention, deadline))
+                                                    original_size and attention, deadline, modules))
         images, results = await _first_of(work, until_gone)
         items = formatting.predictions(runner, images, results, k=k, attention=attention)
-        if attention:  # PNG encoding is CPU work: off the event loop
-            items = await self.in_pool(formatting.with_masks, runner, images, results, items, original_size,
-                                       self.settings.max_mask_side)
+        if attention:
+            await masks.add_masks(self.decode_pool, images, results, items, original_size=original_size,
+                                  modules=modules, max_side=self.settings.max_mask_side)
         prediction = Prediction(runner, images, results, items, k)
         await self._record(formatting.audit_record(prediction, route=route, started=started),
                            [image.kept for image in images])
@@ -240,7 +301,8 @@ class Service:
         return top_k
 
     async def _classify(self, runner: ModelRunner, blobs: Sequence[bytes], attention: bool, original_size: bool,
-                        deadline: float) -> tuple[list[DecodedImage], list[ImageResult]]:
+                        deadline: float, modules: list[str] | None = None
+                        ) -> tuple[list[DecodedImage], list[ImageResult]]:
         """Reserve queue room, decode within the deadline, check the mask budget, queue, await the results."""
         self.batcher.reserve(runner.name, len(blobs))
         try:
@@ -251,7 +313,7 @@ class Service:
                 raise DeadlineExceeded(f"the request's deadline ({self.settings.request_timeout_s:g} s) passed "
                                        "while its images were being decoded") from None
             if original_size:
-                self._check_mask_budget(runner, images)
+                self._check_mask_budget(images, len(modules) if modules is not None else len(runner.attention_modules))
         except BaseException:
             self.batcher.release(runner.name, len(blobs))
             raise
@@ -291,16 +353,16 @@ class Service:
         self.metrics.observe_preprocess(runner.name, seconds)
         return decoded
 
-    def _check_mask_budget(self, runner: ModelRunner, images: list[DecodedImage]) -> None:
+    def _check_mask_budget(self, images: list[DecodedImage], modules: int) -> None:
         side = self.settings.max_mask_side
         pixels = sum(formatting.capped_size(img.width, img.height, side)[0] *
                      formatting.capped_size(img.width, img.height, side)[1] for img in images)
-        total = pixels * len(runner.attention_modules)
+        total = pixels * modules
         if total > self.settings.max_mask_bytes:
             raise MasksTooLarge(f"attention_size=original would return {total >> 20} MiB of masks "
-                                f"({len(runner.attention_modules)} modules x {len(images)} images); the limit is "
-                                f"{self.settings.max_mask_bytes >> 20} MiB: send fewer or smaller images, or use "
-                                "attention_size=feature")
+                                f"({modules} modules x {len(images)} images); the limit is "
+                                f"{self.settings.max_mask_bytes >> 20} MiB: send fewer or smaller images, ask for "
+                                "fewer modules, or use attention_size=feature")
 
 
 def _probe(data: bytes, max_pixels: int, pre: Any) -> Any:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
-from ..errors import responses
-from ..state import ServiceDep
+from ..errors import error_response, responses
+from ..state import NotReady, ServiceDep
 
 router = APIRouter(tags=["health"])
 
@@ -20,8 +20,13 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="200 once every model is loaded and warmed up; 503 while starting or draining",
             responses=responses(503))
-async def readyz(service: ServiceDep) -> dict[str, Any]:
-    service.check_accepting()
+async def readyz(request: Request, service: ServiceDep) -> Any:
+    """503 ``not_ready`` with ``reason``: ``loading``, ``warming up``, ``starting``, ``restarting`` (the inference
+    worker died and is being replaced), ``failed`` (the start failed; the server exits) or ``draining``."""
+    if not service.accepting:
+        reason, detail = service.not_ready_reason()
+        code, detail, headers = request.app.state.error_handler.count(NotReady(detail, reason))
+        return error_response(code, detail, headers, extra={"reason": reason})
     return {"status": "ready", "models": list(service.runners), "default_model": service.default_model}
 
 

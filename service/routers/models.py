@@ -20,6 +20,7 @@ def describe(runner: ModelRunner) -> dict[str, Any]:
             "attention": meta.arch.get("attention"), "num_classes": meta.num_classes, "classes": meta.class_names,
             "input_size": list(pre.input_size), "color": pre.color, "precision": runner.precision,
             "serving_form": runner.serving_form,
+            "attention_modules": list(runner.attention_modules) if runner.has_attention else [],
             "preprocessing": {"resize_mode": pre.resize_mode, "resize_size": pre.resize_size,
                               "mean": list(pre.mean), "std": list(pre.std)},
             "training": meta.training}

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Depends, Query, Request
 
 from ..errors import responses
 from ..inputs import read_images
+from ..masks import select_modules
 from ..state import InvalidParameter, ServiceDep, wait_disconnect
 from .query import refuse_unknown
 
-PARAMETERS = ("top_k", "attention", "attention_size")
+PARAMETERS = ("top_k", "attention", "attention_size", "modules")
 IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}},
@@ -43,17 +44,29 @@ TopK = Annotated[int | None, Query(ge=1, description="how many classes to return
 Attention = Annotated[bool, Query(description="also return each attention module's spatial map as a PNG")]
 AttentionSize = Annotated[Literal["feature", "original"], Query(
     description="'original': each map also resized to the input image's size (longer side capped)")]
+Modules = Annotated[str | None, Query(description="comma-separated attention module names (GET /v1/models/{name} "
+                                                  "lists them): return only their masks; implies attention=true")]
+
+
+def module_list(modules: str | None) -> list[str] | None:
+    """``"layer1.0.cbam,layer2.0.cbam"`` → the names; an empty name is refused."""
+    if modules is None:
+        return None
+    names = [name.strip() for name in modules.split(",")]
+    if not all(names):
+        raise InvalidParameter(f"modules must be comma-separated attention module names, got {modules!r}")
+    return names
 
 
 async def _predict(request: Request, service: ServiceDep, name: str | None, *, top_k: int | None, attention: bool,
-                   attention_size: str, route: str) -> dict[str, Any]:
+                   attention_size: str, modules: str | None, route: str) -> dict[str, Any]:
     settings = service.settings
     service.check_accepting()
-    service.runner(name)  # 404 before the body is read
+    selected = select_modules(service.runner(name), module_list(modules))  # 404, 422 before the body is read
     blobs = await read_images(request, field="file", max_images=settings.max_images_per_request,
                               max_bytes=settings.max_body_bytes, max_depth=settings.json_max_depth)
     done = await service.predict(name, blobs, route=route, top_k=top_k, attention=attention,
-                                 original_size=attention_size == "original",
+                                 original_size=attention_size == "original", modules=selected,
                                  until_gone=partial(wait_disconnect, request))
     return {"id": done.id, "model": {"name": done.model.name, "version": done.model.meta.version},
             "predictions": done.items}
@@ -62,14 +75,15 @@ async def _predict(request: Request, service: ServiceDep, name: str | None, *, t
 @router.post("/models/{name}/predict", summary="Classify images with a named model", openapi_extra=IMAGE_BODY,
              responses=PREDICT_ERRORS)
 async def predict_named(request: Request, service: ServiceDep, name: str, top_k: TopK = None,
-                        attention: Attention = False, attention_size: AttentionSize = "feature") -> dict[str, Any]:
+                        attention: Attention = False, attention_size: AttentionSize = "feature",
+                        modules: Modules = None) -> dict[str, Any]:
     return await _predict(request, service, name, top_k=top_k, attention=attention, attention_size=attention_size,
-                          route="/v1/models/{name}/predict")
+                          modules=modules, route="/v1/models/{name}/predict")
 
 
 @router.post("/predict", summary="Classify images with the default model", openapi_extra=IMAGE_BODY,
              responses=PREDICT_ERRORS)
 async def predict_default(request: Request, service: ServiceDep, top_k: TopK = None, attention: Attention = False,
-                          attention_size: AttentionSize = "feature") -> dict[str, Any]:
+                          attention_size: AttentionSize = "feature", modules: Modules = None) -> dict[str, Any]:
     return await _predict(request, service, None, top_k=top_k, attention=attention, attention_size=attention_size,
-                          route="/v1/predict")
+                          modules=modules, route="/v1/predict")

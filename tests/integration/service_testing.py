@@ -33,11 +33,13 @@ def model_dir_with(target: Path, **checkpoints: Path) -> Path:
 async def serving(model_dir: Path, tmp_path: Path, **overrides) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The app with its lifespan running (models loaded and warmed up) and an httpx client on it."""
     # float32, so that answers compare with the plain model to 1e-3 (bf16 has its own runner and e2e tests)
+    # the models run on the inference thread: test_inference_process.py covers the worker process (the default)
     defaults = {"audit_db": str(tmp_path / "audit.db"), "device": "cpu", "max_batch_size": 8, "max_batch_delay_ms": 5,
-                "amp_dtype": "none"}
+                "amp_dtype": "none", "inference_process": False}
     settings = Settings(model_dir=model_dir, **{**defaults, **overrides})
     app = create_app(settings)
     async with app.router.lifespan_context(app):
+        await app.state.service.wait_started()  # the lifespan loads in the background; these tests want it loaded
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://macula.test", timeout=60) as client:
             yield app, client
@@ -80,7 +82,8 @@ def live_server(model_dir: Path, tmp_path: Path, **overrides) -> Iterator[str]:
     """The app under a real uvicorn server in a thread, on a free loopback port; yields its base URL once ready.
 
     For what only a real socket shows: curl's own requests, half-sent requests, connection handling."""
-    defaults = {"audit_db": str(tmp_path / "audit.db"), "device": "cpu", "amp_dtype": "none", "drain_timeout_s": 2}
+    defaults = {"audit_db": str(tmp_path / "audit.db"), "device": "cpu", "amp_dtype": "none", "drain_timeout_s": 2,
+                "inference_process": False}
     settings = Settings(model_dir=model_dir, **{**defaults, **overrides})
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -232,3 +232,35 @@ async def test_a_corrupt_package_falls_back_to_eager_with_the_metric(built, mode
     assert failures[(("model", "demo"), ("stage", "load"))] == 1
     assert metric_samples(metrics, "macula_model_compiled") == {(("model", "demo"),): 0.0}
     assert forward.with_suffix(".bad").exists()
+
+
+async def test_the_inference_worker_serves_a_warm_cache_compiled_and_relays_the_metric(built, model_dir, tmp_path):
+    """MACULA_INFERENCE_PROCESS (the default): the worker process loads the compiled forms itself."""
+    async with serving(model_dir, tmp_path / "eager", **SERVICE, compile="off") as (_, client):
+        eager = await predict_all(client)
+    async with serving(model_dir, tmp_path, **SERVICE, compile="on", compile_cache=built[0],
+                       inference_process=True) as (app, client):
+        assert app.state.service.process is not None
+        assert await form_of(client) == "compiled"
+        got = await predict_all(client)
+        metrics = (await client.get("/metrics")).text
+    assert_same_predictions(got, eager, atol=1e-3)
+    assert_same_masks(got, eager)
+    assert_same_familiarity(got, eager)
+    assert metric_samples(metrics, "macula_model_compiled") == {(("model", "demo"),): 1.0}
+    assert metric_samples(metrics, "macula_compile_failures_total") == {}
+
+
+async def test_a_corrupt_package_in_the_worker_falls_back_to_eager_with_the_metric(built, model_dir, tmp_path):
+    cache = cache_copy(built, tmp_path)
+    forward = package(cache, "forward")
+    forward.write_bytes(forward.read_bytes()[: forward.stat().st_size // 2])
+    async with serving(model_dir, tmp_path, **SERVICE, compile="on", compile_cache=cache,
+                       inference_process=True) as (_, client):
+        assert await form_of(client) == "eager"
+        assert len(await predict_all(client)) == 3  # the worker rebuilds meanwhile; stopping the service kills it
+        metrics = (await client.get("/metrics")).text
+    failures = metric_samples(metrics, "macula_compile_failures_total")
+    assert failures[(("model", "demo"), ("stage", "load"))] == 1
+    assert metric_samples(metrics, "macula_model_compiled") == {(("model", "demo"),): 0.0}
+    assert forward.with_suffix(".bad").exists()
