@@ -13,13 +13,15 @@ pipeline never sees:
 * 16-bit greyscale (``I;16*``, ``I``) is scaled to 8 bits (v / 257, rounded) instead of Pillow's clipping.
 * CMYK uses Pillow's CMYK → RGB conversion; ``1`` (bilevel) becomes 0/255.
 * Animated WebP / APNG: the first frame.
-* Large JPEGs are decoded at reduced scale (``Image.draft``, DCT scaling) but never below 4× the size the
-  model needs, so the final antialiased resize still sees ≥ 4× the pixels (at 2× the DCT scaling showed
-  through: up to 0.26 after normalisation vs the full decode; at 4×, ≤ 0.055, mostly one grey level).
+* A JPEG more than 4× the size the model needs is decoded at reduced scale (``Image.draft``: libjpeg-turbo's DCT
+  scaling by 1/2, 1/4 or 1/8), never below 2× that size, and the resize samples the region the original covers
+  in the scaled decode (:func:`content_region`), not the scaled decode's rounded-up extent: so resampled, the
+  result stays within a few grey levels of the full decode's (``bench/decode_cost.py`` measures it and the time
+  saved; docs/benchmarks.md has the figures).
 
 Each decoded image also carries ``input_box``: the region of the original (EXIF-rotated) image that the model's
-input shows, computed by :func:`input_box` from the very resize and crop that :func:`to_pixels` applies (on the
-drafted image, then scaled back by the draft's exact factor). Attention masks cover that region and nothing else.
+input shows, computed by :func:`input_box` from the very resize and crop that :func:`to_pixels` applies (in the
+original's pixels, also for a JPEG decoded at reduced scale). Attention masks cover that region and nothing else.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}  # Pillow's storage; else 4
 STRIP_PIXELS = 1 << 20  # pixels per strip when narrowing 16-bit images
 SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # == round(v / 257)
-DRAFT_MARGIN = 4
+DRAFT_MARGIN = 2  # a JPEG decoded at reduced scale keeps at least this many times what the resize needs
 
 
 @dataclass(frozen=True)
@@ -136,19 +138,19 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     return img
 
 
-def _draft_for(img: Image.Image, pre: Preprocessing) -> int:
-    """Ask the JPEG decoder for a DCT-scaled image no smaller than 4× what the resize needs; returns the factor
-    (1, 2, 4 or 8) by which the decoded image is smaller: its pixel x covers the original's [x·f, (x+1)·f)."""
+def _draft_for(img: Image.Image, pre: Preprocessing) -> float:
+    """Ask the JPEG decoder for a DCT-scaled image no smaller than 2× what the resize needs; returns the scale
+    (1, 1/2, 1/4 or 1/8) of the decoded image: its pixel x covers the original's [x / scale, (x + 1) / scale)."""
     if img.format != "JPEG":
-        return 1
+        return 1.0
     needed = DRAFT_MARGIN * max(*pre.input_size, pre.resize_size if pre.resize_mode == "center_crop" else 0)
     scale = needed / min(img.size)
     if scale >= 0.5:
-        return 1
+        return 1.0
     width = img.width
     drafted = img.draft("L" if pre.color == "L" else "RGB",
                         (math.ceil(img.width * scale), math.ceil(img.height * scale)))
-    return 1 if drafted is None else round(width / drafted[1][2])  # Pillow's box: the original's size, scaled
+    return 1.0 if drafted is None else 1 / round(width / drafted[1][2])  # Pillow's box: the original's size, scaled
 
 
 @dataclass
@@ -161,7 +163,8 @@ class Opened:
     height: int
     cost: int
     orientation_known: bool = True
-    draft_factor: int = 1  # the decoded image is this many times smaller than the original (JPEG draft)
+    orientation: int = 1  # EXIF orientation (1 where unknown)
+    scale: float = 1.0  # of the decoded image: a JPEG decoded at reduced scale is this times the original's size
 
 
 def _header_orientation(img: Image.Image) -> int | None:
@@ -180,11 +183,12 @@ def probe(data: bytes, *, max_pixels: int, pre: Preprocessing) -> Opened:
         orientation = _header_orientation(img)
         swaps = orientation in (5, 6, 7, 8)
         width, height = (img.height, img.width) if swaps else (img.width, img.height)
-        factor = _draft_for(img, pre)
+        scale = _draft_for(img, pre)
     except Exception as exc:  # noqa: BLE001
         raise UndecodableImage(f"cannot read image header: {type(exc).__name__}") from None
     cost = _decode_cost(img, pre.color, rotates=orientation in range(2, 9))
-    return Opened(img, width, height, cost, orientation_known=orientation is not None, draft_factor=factor)
+    return Opened(img, width, height, cost, orientation_known=orientation is not None, orientation=orientation or 1,
+                  scale=scale)
 
 
 def _decode_cost(img: Image.Image, color: str, *, rotates: bool) -> int:
@@ -243,6 +247,26 @@ def decode(data: bytes, *, max_pixels: int, pre: Preprocessing) -> tuple[Image.I
     return img, (opened.width, opened.height) if opened.orientation_known else img.size
 
 
+PADDED_AT_START = {2: (True, False), 3: (True, True), 4: (False, True), 6: (True, False), 7: (True, True),
+                   8: (False, True)}  # EXIF orientation → whether x, y now start with what was the stored end
+
+
+def content_region(size: tuple[int, int], original: tuple[int, int], scale: float,
+                   orientation: int = 1) -> tuple[float, float, float, float]:
+    """Where the original image lies in its decode of ``size`` (w, h) at ``scale``, both after EXIF orientation.
+
+    A JPEG decoded at reduced scale spans ``original`` × ``scale`` decoded pixels (its pixel x covers the
+    original's [x / scale, (x + 1) / scale)), rounded up to whole pixels at the end of the stored rows and
+    columns; orientation may move that end to the start. Resampling this region, not the decoded image's whole
+    extent, keeps the geometry of the full decode (the rounded-up extent would stretch the image by up to one scaled
+    pixel, which moves its sharp edges by many grey levels).
+    """
+    (width, height), extent_w, extent_h = size, original[0] * scale, original[1] * scale
+    x_first, y_first = PADDED_AT_START.get(orientation, (False, False))
+    x0, y0 = (width - extent_w if x_first else 0.0), (height - extent_h if y_first else 0.0)
+    return x0, y0, x0 + extent_w, y0 + extent_h
+
+
 def _resize_size(w: int, h: int, pre: Preprocessing) -> tuple[int, int]:
     """(width, height) after the resize step, torchvision's rule (shorter side → resize_size, long truncated)."""
     if pre.resize_mode == "stretch":
@@ -262,28 +286,24 @@ def _crop_start(size: int, out: int) -> int:
     return -((out - size) // 2) if out > size else int(round((size - out) / 2.0))
 
 
-def input_box(size: tuple[int, int], pre: Preprocessing, *, factor: int = 1,
-              original: tuple[int, int] | None = None) -> tuple[int, int, int, int]:
+def input_box(size: tuple[int, int], pre: Preprocessing) -> tuple[int, int, int, int]:
     """The region of the original image that the model's input shows: ``(x0, y0, x1, y1)`` in original pixels,
     x1/y1 exclusive (``[x0:x1]`` slices it), each edge rounded to the nearest whole pixel (halves up).
 
-    ``size`` is the (w, h) of the image :func:`to_pixels` resizes: the original, or the JPEG draft ``factor``
-    times smaller (``original`` then gives the original's (w, h), which the edges are clipped to). Follows the
-    resize and centre crop exactly (crop offsets in resized pixels, mapped back by the resize's scale); "stretch"
-    shows the whole image. Where the crop is larger than the resized image (zero padding) the box is the image's
-    whole extent along that axis.
+    ``size`` is the original's (w, h) after EXIF orientation; a JPEG decoded at reduced scale is resampled as its
+    full decode would be (:func:`to_pixels`), so its box is the same. Follows the resize and centre crop exactly
+    (crop offsets in resized pixels, mapped back by the resize's scale); "stretch" shows the whole image. Where
+    the crop is larger than the resized image (zero padding) the box is the image's whole extent along that axis.
     """
     width, height = size
-    full_w, full_h = original or (width * factor, height * factor)
     (rw, rh), (out_h, out_w) = _resize_size(width, height, pre), pre.input_size
     left, top = (0, 0) if pre.resize_mode == "stretch" else (_crop_start(rw, out_w), _crop_start(rh, out_h))
     right, bottom = (rw, rh) if pre.resize_mode == "stretch" else (left + out_w, top + out_h)
 
-    def edge(v: int, resized: int, decoded: int, full: int) -> int:
-        return min(_half_up(min(max(v, 0), resized) * decoded / resized * factor), full)
+    def edge(v: int, resized: int, full: int) -> int:
+        return min(_half_up(min(max(v, 0), resized) * full / resized), full)
 
-    return (edge(left, rw, width, full_w), edge(top, rh, height, full_h),
-            edge(right, rw, width, full_w), edge(bottom, rh, height, full_h))
+    return edge(left, rw, width), edge(top, rh, height), edge(right, rw, width), edge(bottom, rh, height)
 
 
 def _center_crop(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -298,31 +318,43 @@ def _center_crop(arr: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return arr[top:top + out_h, left:left + out_w]
 
 
-def _crop_box(img: Image.Image, resized: tuple[int, int], pre: Preprocessing) -> tuple[float, ...] | None:
-    """The source region that resize-then-center-crop keeps, for a downscale that needs no padding (else None).
+def _source_box(region: tuple[float, float, float, float], resized: tuple[int, int],
+                pre: Preprocessing) -> tuple[float, float, float, float] | None:
+    """The part of ``region`` (the original image, in decoded pixels) that resize-then-center-crop keeps, for a
+    downscale that needs no padding (else None); "stretch" keeps all of it.
 
-    Resizing only that region (``Image.resize(box=...)``) samples the same source points as resizing the whole
+    Resizing only that part (``Image.resize(box=...)``) samples the same source points as resizing the whole
     image and cropping, for ~1/3 less work on a 4:5 photo (measured equal to the full path: max 1 grey level).
     """
+    if pre.resize_mode == "stretch":
+        return region
+    x0, y0, x1, y1 = region
     (rw, rh), (ch, cw) = resized, pre.input_size
-    if pre.resize_mode != "center_crop" or cw > rw or ch > rh or rw > img.width or rh > img.height:
+    if cw > rw or ch > rh or rw > x1 - x0 or rh > y1 - y0:
         return None  # padding, or an upscale (cheap anyway; there the box path can differ by 2 grey levels)
     top, left = _crop_start(rh, ch), _crop_start(rw, cw)
-    sx, sy = img.width / rw, img.height / rh
-    return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
+    sx, sy = (x1 - x0) / rw, (y1 - y0) / rh
+    return x0 + left * sx, y0 + top * sy, x0 + (left + cw) * sx, y0 + (top + ch) * sy
 
 
-def to_pixels(img: Image.Image, pre: Preprocessing) -> np.ndarray:
+def to_pixels(img: Image.Image, pre: Preprocessing, *, original: tuple[int, int] | None = None,
+              region: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """PIL image in ``pre.color`` → the model's uint8 (H, W, C) pixels: resize + center crop, still in 8 bits.
 
-    Normalising to float is left to the model runner, which does it for a whole batch at once.
+    ``original`` is the (w, h) the resize rule is computed from and ``region`` where that image lies in ``img``
+    (both default to ``img`` itself): a JPEG decoded at reduced scale is resampled exactly as its full decode
+    would be (see :func:`content_region`). Normalising to float is left to the model runner, which does it for a
+    whole batch at once.
     """
-    resized = _resize_size(img.width, img.height, pre)
-    box = _crop_box(img, resized, pre)
+    whole = (0, 0, img.width, img.height)
+    region = region or whole
+    resized = _resize_size(*(original or img.size), pre)
+    box = _source_box(region, resized, pre)
     if box is not None:
         arr = np.asarray(img.resize((pre.input_size[1], pre.input_size[0]), Image.Resampling.BILINEAR, box=box))
     else:
-        arr = _center_crop(np.asarray(img if resized == img.size else img.resize(resized, Image.Resampling.BILINEAR)),
+        same = resized == img.size and region == whole
+        arr = _center_crop(np.asarray(img if same else img.resize(resized, Image.Resampling.BILINEAR, box=region)),
                            *pre.input_size)
     return np.ascontiguousarray(arr[:, :, None] if arr.ndim == 2 else arr)
 
@@ -345,11 +377,12 @@ def finish(opened: Opened, data: bytes, pre: Preprocessing,
     """Decode an image :func:`probe` opened and make the model's pixels from it; ``keep(decoded, data)``, if given,
     makes what the audit store keeps of the input (a thumbnail of the decoded, EXIF-rotated image)."""
     img = decode_opened(opened, pre)
-    width, height = (opened.width, opened.height) if opened.orientation_known else img.size  # PNG: never drafted
-    box = input_box(img.size, pre, factor=opened.draft_factor, original=(width, height))
-    pixels = to_pixels(img, pre)
+    original = (opened.width, opened.height) if opened.orientation_known else img.size  # PNG: never scaled
+    region = content_region(img.size, original, opened.scale, opened.orientation)
+    pixels = to_pixels(img, pre, original=original, region=region)
     kept = None if keep is None else keep(img, data)
-    return DecodedImage(pixels, width, height, hashlib.sha256(data).hexdigest(), len(data), box, kept)
+    return DecodedImage(pixels, *original, hashlib.sha256(data).hexdigest(), len(data), input_box(original, pre),
+                        kept)
 
 
 def png_base64(mask: np.ndarray, compress_level: int = 6) -> str:

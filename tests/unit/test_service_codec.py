@@ -61,7 +61,8 @@ def test_png_modes_match_the_eval_transform(photo, mode, pre):
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
 def test_jpeg_and_webp_match_the_eval_transform(photo, fmt):
     blob = encode(photo, fmt, quality=90)
-    assert np.abs(model_input(blob, RGB_PRE) - reference(blob, RGB_PRE)).max() <= ONE_LEVEL
+    pre = Preprocessing(input_size=(128, 128), resize_size=146)  # under 4× the photo: the JPEG is decoded in full
+    assert np.abs(model_input(blob, pre) - reference(blob, pre)).max() <= ONE_LEVEL
 
 
 @pytest.mark.parametrize("size", [(500, 400), (400, 500), (333, 257), (72, 72), (640, 480), (60, 300)])
@@ -128,8 +129,8 @@ def test_exif_orientation_is_applied():
 def test_large_jpeg_decoded_at_reduced_scale_stays_close(photo):
     big = photo.resize((photo.width * 4, photo.height * 4), Image.Resampling.BICUBIC)
     blob = encode(big, "JPEG", quality=95)
-    diff = np.abs(model_input(blob, RGB_PRE) - reference(blob, RGB_PRE))
-    assert diff.mean() < 0.005 and diff.max() < 0.06
+    diff = np.abs(model_input(blob, RGB_PRE) - reference(blob, RGB_PRE))  # see test_service_codec_scaled.py
+    assert diff.mean() < 0.6 * ONE_LEVEL and diff.max() < 6 * ONE_LEVEL
 
 
 def test_animated_webp_uses_its_first_frame():
