@@ -80,7 +80,7 @@ def test_worker_answers_like_the_model_in_this_process(gray_checkpoint, rgb_chec
 
 # what a ModelRunner holds that only the worker needs; every other attribute the service may read, so a RemoteModel
 # must show it too (a new runner attribute makes this test fail until the worker passes it on)
-WORKER_ONLY = {"model", "device", "memory_format", "amp_dtype", "pixel_mean", "pixel_std"}
+WORKER_ONLY = {"model", "device", "memory_format", "amp_dtype", "pixel_mean", "pixel_std", "compiled"}
 
 
 def test_a_remote_model_shows_what_a_runner_shows_the_service(gray_checkpoint):
