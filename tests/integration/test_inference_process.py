@@ -200,7 +200,6 @@ def test_the_worker_dies_with_the_server_even_on_sigkill(tmp_path, gray_checkpoi
         from pathlib import Path
         from service.inference_process import InferenceProcess
         from service.settings import Settings
-from service.tuning import plan_for, tune
         process = InferenceProcess(Settings(**{SETTINGS!r}), {{"gray": Path({str(gray_checkpoint)!r})}})
         process.start()
         process.wait_ready(120)
