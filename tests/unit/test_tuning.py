@@ -285,3 +285,27 @@ def test_a_restarted_worker_keeps_the_first_ones_choice_without_timing(gray_chec
     finally:
         ours.close()
         theirs.close()
+
+
+def test_the_ahead_of_time_build_chooses_as_the_service_does(tmp_path, gray_checkpoint, monkeypatch):
+    """``python -m service.compile`` keys its forms by the tuned cap and format, so the service finds them."""
+    import shutil
+
+    from service import compile as compile_cli
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(gray_checkpoint, models / "gray.safetensors")
+    calls = synthetic(monkeypatch, CONTIGUOUS_AT_4)
+    built = []
+    monkeypatch.setattr(compile_cli, "build", lambda runner, form, key, cache, force: built.append(key) or
+                        cache.package(key, form))
+    settings = Settings(model_dir=models, compile_cache=tmp_path / "cache", device="cpu", amp_dtype="none",
+                        tune="auto", channels_last=None, max_batch_size=None, torch_threads=1)
+    threads = torch.get_num_threads()
+    try:
+        assert compile_cli.build_all(settings, None, ["forward"], force=False) == 0
+    finally:
+        torch.set_num_threads(threads)  # build_all sets the build's thread count
+    assert calls and {(key.max_batch, key.memory_format) for key in built} == {(4, "contiguous")}
+    assert len(list((tmp_path / "cache").glob("*.tuning.json"))) == 1
