@@ -7,8 +7,9 @@
 Tasks (``TASKS``): ``mnist48`` is the demo model's task and budget (48×48, 4 fragments, 15 epochs, the
 ``make demo-model`` recipe); ``hard`` a larger canvas with more clutter, where the digit is a smaller
 share of the image. On ``mnist48`` BAM and CBAM run with both initialisations (``models.initialisation``), the
-plain network with the authors'; on ``hard`` every attention with ``--hard-init``. Within a task only the attention, the init and the seed change (seed: init,
-data order, training canvases); validation and test canvases are the same for every run.
+plain network with the authors'; on ``hard`` every attention with ``--hard-init``. Within a task only the
+attention, the init and the seed change (seed: init, data order, training canvases); validation and test
+canvases are the same for every run.
 
 Each finished run is scored on the fixed test split with ``training.evaluate`` (top-1, the localisation
 score and pointing game per module); the tables (mean ± std over seeds, localisation averaged over each

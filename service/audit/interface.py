@@ -40,12 +40,18 @@ class KeptInput:
 
 @dataclass(frozen=True)
 class ImageSummary:
-    """One image of a prediction, as search sees it: its top-1 class and whether its input was kept."""
+    """One image of a prediction, as search sees it: its top-1 class, whether its input was kept, and its
+    unfamiliar-input flag (``None`` for a model without a detector)."""
 
     n: int
     label: str | None
     score: float | None
     input_kept: bool
+    familiar: bool | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        item = {"n": self.n, "label": self.label, "score": self.score, "input_kept": self.input_kept}
+        return item if self.familiar is None else item | {"familiar": self.familiar}
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,7 @@ class Summary:
         return {"id": self.id, "created_at": self.created_at,
                 "model": {"name": self.model_name, "version": self.model_version}, "route": self.route,
                 "image_count": len(self.images), "masks_kept": self.masks_kept,
-                "images": [{"n": i.n, "label": i.label, "score": i.score, "input_kept": i.input_kept}
-                           for i in self.images]}
+                "images": [image.to_json() for image in self.images]}
 
 
 @dataclass(frozen=True)

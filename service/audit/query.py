@@ -2,9 +2,9 @@
 
 Pages are ordered newest first by ``(created_at, id)`` and continue from the last key seen (keyset pagination),
 so records written while a client pages never shift or repeat the pages it has not read yet. A search with an
-image-level filter (``label``, ``min_score``, ``max_score``) runs on ``prediction_images`` (one row per image,
-with the prediction's time and model copied in, so one index serves filter and order); any other search runs
-on ``predictions``. SQL uses ``?`` placeholders; the PostgreSQL backend translates them.
+image-level filter (``label``, ``min_score``, ``max_score``, ``familiar``) runs on ``prediction_images`` (one
+row per image, with the prediction's time and model copied in, so one index serves filter and order); any other
+search runs on ``predictions``. SQL uses ``?`` placeholders; the PostgreSQL backend translates them.
 """
 
 from __future__ import annotations
@@ -25,14 +25,17 @@ DEFAULT_LIMIT = 50
 
 @dataclass(frozen=True)
 class Filters:
-    """What a search selects; every field is optional. ``label``, ``min_score`` and ``max_score`` must hold for
-    one and the same image (its top-1); ``since`` is inclusive, ``until`` exclusive (epoch seconds)."""
+    """What a search selects; every field is optional. ``label``, ``min_score``, ``max_score`` and ``familiar``
+    must hold for one and the same image (its top-1, its unfamiliar-input flag: an image of a model without a
+    detector has no flag and matches neither True nor False); ``since`` is inclusive, ``until`` exclusive (epoch
+    seconds)."""
 
     model: str | None = None
     version: str | None = None
     label: str | None = None
     min_score: float | None = None
     max_score: float | None = None
+    familiar: bool | None = None
     since: float | None = None
     until: float | None = None
 
@@ -44,7 +47,7 @@ class Filters:
 
     @property
     def image_level(self) -> bool:
-        return self.label is not None or self.min_score is not None or self.max_score is not None
+        return any(value is not None for value in (self.label, self.min_score, self.max_score, self.familiar))
 
 
 def parse_time(text: str, name: str) -> float:
@@ -66,6 +69,14 @@ def parse_time(text: str, name: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
+
+
+def parse_bool(text: str, name: str) -> bool:
+    """``true`` / ``false`` (any case) → bool; anything else is an :class:`InvalidQuery` naming the parameter."""
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidQuery(f"{name} must be true or false, got {text[:40]!r}")
+    return value == "true"
 
 
 def encode_cursor(created_at: float, prediction_id: str) -> str:
@@ -117,6 +128,8 @@ def page_sql(filters: Filters, after: tuple[float, str] | None, limit: int) -> t
         where("score >= ?", filters.min_score)
     if filters.max_score is not None:
         where("score <= ?", filters.max_score)
+    if filters.familiar is not None:
+        where("familiar = ?", filters.familiar)
     if filters.since is not None:
         where("created_at >= ?", filters.since)
     if filters.until is not None:

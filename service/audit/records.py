@@ -1,8 +1,9 @@
 """A prediction's record → the rows the backends store, and the masks and summaries read back from them.
 
 The whole record is kept as JSON (``predictions.record``); the columns beside it are what search filters on,
-what summaries show and what retention counts: each image's top-1 label and score (``prediction_images``),
-whether masks were kept, and the bytes the record and its kept inputs take.
+what summaries show and what retention counts: each image's top-1 label and score and its ``familiar`` flag
+(``prediction_images``; NULL for a model without an unfamiliar-input detector), whether masks were kept, and
+the bytes the record and its kept inputs take.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class ImageRow:
     label: str | None
     score: float | None
     input: KeptInput | None
+    familiar: bool | None = None   # None: the model has no unfamiliar-input detector
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class EncodedRecord:
 
     def image_rows(self) -> list[tuple]:
         return [(self.id, img.n, self.created_at, self.model_name, self.model_version, img.label, img.score,
-                 img.input is not None) for img in self.images]
+                 img.input is not None, img.familiar) for img in self.images]
 
     def input_rows(self) -> list[tuple]:
         return [(self.id, img.n, img.input.kind, img.input.media_type, img.input.data)
@@ -65,6 +67,11 @@ def _top1(image: Any) -> tuple[str | None, float | None]:
     score = top[0].get("score")
     score = float(score) if isinstance(score, int | float) and math.isfinite(score) else None
     return _text(top[0].get("label")), score
+
+
+def _familiar(image: Any) -> bool | None:
+    flag = image.get("familiar") if isinstance(image, dict) else None
+    return flag if isinstance(flag, bool) else None
 
 
 def encode(record: dict[str, Any], inputs: Sequence[KeptInput | None], now: float) -> EncodedRecord:
@@ -85,7 +92,7 @@ def encode(record: dict[str, Any], inputs: Sequence[KeptInput | None], now: floa
     rows = []
     for n, image in enumerate(images):
         label, score = _top1(image)
-        rows.append(ImageRow(n, label, score, inputs[n] if n < len(inputs) else None))
+        rows.append(ImageRow(n, label, score, inputs[n] if n < len(inputs) else None, _familiar(image)))
     masks = any(isinstance(image, dict) and image.get("attention") for image in images)
     nbytes = len(text) + sum(len(row.input.data) for row in rows if row.input is not None)
     return EncodedRecord(record["id"], created_at, _text(model.get("name")), _text(model.get("version")),

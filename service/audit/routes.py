@@ -23,18 +23,16 @@ from starlette.concurrency import run_in_threadpool
 from ..errors import ServiceError, responses
 from ..routers.query import strict
 from .interface import Summary
-from .query import DEFAULT_LIMIT, MAX_IMAGE_INDEX, MAX_LIMIT, Filters, parse_time
+from .query import DEFAULT_LIMIT, MAX_IMAGE_INDEX, MAX_LIMIT, Filters, parse_bool, parse_time
 from .sql import EXPORT_PAGE
 from .store import AuditStore
 
 router = APIRouter(prefix="/v1", tags=["audit"])
 CSV_COLUMNS = ("id", "created_at", "created_at_iso", "model", "version", "route", "image_count", "image", "label",
-               "score", "input_kept", "masks_kept")
+               "score", "input_kept", "masks_kept", "familiar")
 
 
-FILTERS = ("model", "version", "label", "min_score", "max_score", "since", "until")
-
-
+FILTERS = ("model", "version", "label", "min_score", "max_score", "familiar", "since", "until")
 
 
 def _store(request: Request) -> AuditStore:
@@ -46,9 +44,12 @@ def _filters(model: str | None = Query(None, max_length=200, description="model 
              label: str | None = Query(None, max_length=200, description="top-1 label of any image"),
              min_score: float | None = Query(None, description="top-1 score at least this (same image as label)"),
              max_score: float | None = Query(None, description="top-1 score at most this: the unsure ones"),
+             familiar: str | None = Query(None, description="true|false: an image the model's unfamiliar-input "
+                                          "detector accepted / flagged (same image as label)"),
              since: str | None = Query(None, description="ISO 8601 or epoch seconds, inclusive"),
              until: str | None = Query(None, description="ISO 8601 or epoch seconds, exclusive")) -> Filters:
     return Filters(model=model, version=version, label=label, min_score=min_score, max_score=max_score,
+                   familiar=None if familiar is None else parse_bool(familiar, "familiar"),
                    since=None if since is None else parse_time(since, "since"),
                    until=None if until is None else parse_time(until, "until"))
 
@@ -111,7 +112,8 @@ def _csv_lines(summaries: Iterator[Summary]) -> Iterator[str]:
                 len(s.images))
         for image in s.images or ():
             yield take((*head, image.n, image.label or "", "" if image.score is None else repr(image.score),
-                        str(image.input_kept).lower(), str(s.masks_kept).lower()))
+                        str(image.input_kept).lower(), str(s.masks_kept).lower(),
+                        "" if image.familiar is None else str(image.familiar).lower()))
 
 
 def _valid_id(prediction_id: str) -> bool:

@@ -16,7 +16,7 @@ from .interface import Backend, ImageSummary, KeptInput, Page, RetentionPolicy, 
 from .query import DEFAULT_LIMIT, Filters, check_limit, decode_cursor, encode_cursor, in_list, page_sql
 from .records import EncodedRecord
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 RETENTION_CHUNK = 1000     # rows per delete transaction: short locks, so writers never wait long
 EXPORT_PAGE = 500
 
@@ -65,13 +65,20 @@ SCHEMA_V1 = [
         PRIMARY KEY (prediction_id, n),
         FOREIGN KEY (prediction_id, n) REFERENCES prediction_images (prediction_id, n) ON DELETE CASCADE)""",
 ]
+# v2: each image's familiar flag (NULL: the model has no unfamiliar-input detector, or the row predates v2)
+SCHEMA_V2 = [
+    "ALTER TABLE prediction_images ADD COLUMN familiar {bool}",
+    """CREATE INDEX IF NOT EXISTS prediction_images_familiar
+        ON prediction_images (familiar, created_at, prediction_id, score)""",
+]
+MIGRATIONS = {1: SCHEMA_V1, 2: SCHEMA_V2}   # version → the statements that bring the one before up to it
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS audit_schema (version INTEGER NOT NULL)"
 
 INSERT_PREDICTION = ("INSERT INTO predictions (id, created_at, model_name, model_version, route, latency_ms, "
                      "image_count, masks_kept, nbytes, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, {json_param}) "
                      "ON CONFLICT DO NOTHING")
 INSERT_IMAGE = ("INSERT INTO prediction_images (prediction_id, n, created_at, model_name, model_version, label, score, "
-                "input_kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+                "input_kept, familiar) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
 INSERT_INPUT = ("INSERT INTO prediction_inputs (prediction_id, n, kind, media_type, data) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT DO NOTHING")
 SUMMARY_COLUMNS = "id, created_at, model_name, model_version, route, masks_kept"
@@ -108,8 +115,8 @@ class SqlBackend(Backend):
         cur.execute(self._sql(sql), tuple(params))
         return list(cur.fetchall())
 
-    def _schema_statements(self) -> list[str]:
-        return [statement.format(**self.types) for statement in SCHEMA_V1]
+    def _schema_statements(self, version: int) -> list[str]:
+        return [statement.format(**self.types) for statement in MIGRATIONS[version]]
 
     def _migrate(self, cur: Any) -> None:
         """Run inside a transaction that holds the backend's migration lock."""
@@ -121,7 +128,8 @@ class SqlBackend(Backend):
                                f"{SCHEMA_VERSION}: upgrade Macula, or point it at another database")
         if version < 1:
             self._before_v1(cur)
-            for statement in self._schema_statements():
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in self._schema_statements(step):
                 cur.execute(statement)
         if version < SCHEMA_VERSION:
             cur.execute("DELETE FROM audit_schema")
@@ -184,11 +192,11 @@ class SqlBackend(Backend):
         predictions = self._rows(cur, f"SELECT {SUMMARY_COLUMNS} FROM predictions WHERE id IN {in_list(len(ids))}",
                                  ids)
         images: dict[str, list[ImageSummary]] = {}
-        for pid, n, label, score, kept in self._rows(
-                cur, f"SELECT prediction_id, n, label, score, input_kept FROM prediction_images "
+        for pid, n, label, score, kept, familiar in self._rows(
+                cur, f"SELECT prediction_id, n, label, score, input_kept, familiar FROM prediction_images "
                      f"WHERE prediction_id IN {in_list(len(ids))} ORDER BY prediction_id, n", ids):
             images.setdefault(pid, []).append(ImageSummary(int(n), label, None if score is None else float(score),
-                                                           bool(kept)))
+                                                           bool(kept), None if familiar is None else bool(familiar)))
         by_id = {row[0]: Summary(row[0], float(row[1]), row[2], row[3], row[4], bool(row[5]),
                                  tuple(images.get(row[0], ()))) for row in predictions}
         return [by_id[pid] for pid in ids if pid in by_id]   # a record deleted between the two reads is skipped

@@ -175,5 +175,5 @@ class SqliteBackend(SqlBackend):
             cur.execute("UPDATE predictions SET image_count = ?, masks_kept = ?, nbytes = ? WHERE id = ?",
                         (len(row.images), row.masks_kept, row.nbytes, pid))
             cur.executemany("INSERT OR IGNORE INTO prediction_images (prediction_id, n, created_at, model_name, "
-                            "model_version, label, score, input_kept) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            "model_version, label, score, input_kept, familiar) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             [(pid, *image[1:]) for image in row.image_rows()])

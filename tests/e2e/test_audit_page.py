@@ -225,6 +225,12 @@ def test_three_predictions_listed_filtered_opened_and_overlaid(tmp_path, open_pa
         expect(page.get_by_text("No prediction matches these filters.")).to_be_visible()
         page.get_by_role("button", name="Clear").click()
         expect(rows(page)).to_have_count(3)
+        page.get_by_label("Familiar input").select_option("false")   # these models have no detector: no flag
+        page.get_by_role("button", name="Apply").click()
+        expect(page.get_by_text("No prediction matches these filters.")).to_be_visible()
+        assert "familiar=false" in page.url
+        page.get_by_role("button", name="Clear").click()
+        expect(rows(page)).to_have_count(3)
 
         # keyboard: arrow down from the first row's link, Enter opens the second (the noise image on demo)
         page.locator("#list tbody a.row-link").first.focus()

@@ -1,10 +1,13 @@
 """Both audit backends, same tests: search filters against a reference, keyset paging (also under concurrent
-writes and across equal timestamps), export, kept inputs, retention by age, count and bytes, and replicas
-starting at once on one fresh database. PostgreSQL is a real throwaway server (tests/integration/audit_pg.py)."""
+writes and across equal timestamps), export, kept inputs, retention by age, count and bytes, replicas starting at
+once on one fresh database, and a version-1 database migrated to the familiar column. PostgreSQL is a real
+throwaway server (tests/integration/audit_pg.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -13,9 +16,11 @@ import pytest
 
 from service.audit import AuditStore, Filters, KeptInput, RetentionPolicy, open_backend
 from service.audit.records import encode
+from service.audit.sql import SCHEMA_V1, SCHEMA_VERSION, VERSION_TABLE
 
 BACKENDS = ["sqlite", "postgresql"]
 MODELS = [("demo", "aaaaaaaaaaaa"), ("demo", "bbbbbbbbbbbb"), ("other", "cccccccccccc")]
+WITH_DETECTOR = {"bbbbbbbbbbbb", "cccccccccccc"}   # their images carry "familiar"; aaaaaaaaaaaa's do not
 LABELS = ["cat", "dog", "3", "ünïcode"]
 
 
@@ -41,6 +46,9 @@ def make_record(i: int, created_at: float, rng: random.Random) -> dict:
         label = rng.choice(LABELS)
         score = round(rng.uniform(0.1, 1.0), 6)
         image = {"sha256": f"{i:064d}", "top_k": [{"index": LABELS.index(label), "label": label, "score": score}]}
+        if version in WITH_DETECTOR:
+            image["familiar"] = rng.random() < 0.7
+            image["familiarity"] = round(rng.random(), 4)
         if i % 3 == 0:
             image["attention"] = [{"module": "layer1.0.cbam", "height": 2, "width": 2, "png": "iVBORw0KGgo="}]
         images.append(image)
@@ -68,11 +76,13 @@ def matches(record: dict, f: Filters) -> bool:
         return False
     if f.until is not None and record["created_at"] >= f.until:
         return False
-    if not (f.label is not None or f.min_score is not None or f.max_score is not None):
+    if not f.image_level:
         return True
     return any((f.label is None or img["top_k"][0]["label"] == f.label)
                and (f.min_score is None or img["top_k"][0]["score"] >= f.min_score)
-               and (f.max_score is None or img["top_k"][0]["score"] <= f.max_score) for img in record["images"])
+               and (f.max_score is None or img["top_k"][0]["score"] <= f.max_score)
+               and (f.familiar is None or img.get("familiar") is f.familiar)   # no flag matches neither
+               for img in record["images"])
 
 
 def expected_ids(records: list[dict], f: Filters) -> list[str]:
@@ -104,6 +114,12 @@ FILTERS = [
     Filters(since=1_000_200.0, label="3", max_score=0.9),
     Filters(model="nobody"),
     Filters(label="cat", min_score=0.99, max_score=0.2),
+    Filters(familiar=True),
+    Filters(familiar=False),
+    Filters(familiar=False, label="dog"),
+    Filters(familiar=True, model="demo", max_score=0.5),
+    Filters(familiar=False, version="aaaaaaaaaaaa"),   # no detector: nothing
+    Filters(familiar=False, since=1_000_300.0),
 ]
 
 
@@ -125,6 +141,34 @@ def test_summaries_carry_what_the_issue_lists(backend):
         "route": "/v1/predict", "image_count": 3, "masks_kept": True,
         "images": [{"n": n, "label": img["top_k"][0]["label"], "score": img["top_k"][0]["score"],
                     "input_kept": False} for n, img in enumerate(records[0]["images"])]}
+
+
+def flagged(pid: str, created_at: float, version: str | None, images: list[tuple[str, bool | None]]) -> dict:
+    """A record whose images have these (top-1 label, familiar flag); None: the image carries no flag."""
+    entries = [{"top_k": [{"index": 0, "label": label, "score": 0.9}]}
+               | ({} if familiar is None else {"familiar": familiar, "familiarity": 0.5 if familiar else 0.01})
+               for label, familiar in images]
+    return {"id": pid, "created_at": created_at, "model": {"name": "demo", "version": version},
+            "route": "/v1/predict", "images": entries}
+
+
+def test_familiar_filter_holds_for_one_image_and_skips_models_without_a_detector(backend):
+    records = [flagged("a" * 32, 1.0, "det", [("cat", True), ("dog", False)]),
+               flagged("b" * 32, 2.0, "det", [("cat", False)]),
+               flagged("c" * 32, 3.0, "plain", [("cat", None), ("dog", None)]),
+               flagged("d" * 32, 4.0, "det", [("dog", True)])]
+    write(backend, records)
+    a, b, c, d = (r["id"] for r in records)
+    cases = {Filters(): [d, c, b, a], Filters(familiar=False): [b, a], Filters(familiar=True): [d, a],
+             Filters(familiar=False, label="cat"): [b],   # a's cat is familiar, its unfamiliar image is a dog
+             Filters(familiar=False, label="dog"): [a], Filters(familiar=True, label="cat"): [a],
+             Filters(familiar=False, min_score=0.95): [], Filters(familiar=True, version="plain"): []}
+    for f, expected in cases.items():
+        assert [s.id for s in backend.search(f, limit=10).items] == expected == expected_ids(records, f), f
+    summaries = {s.id: s.to_json() for s in backend.search(Filters(), limit=10).items}
+    assert [i["familiar"] for i in summaries[a]["images"]] == [True, False]
+    assert all("familiar" not in i for i in summaries[c]["images"])   # no detector: no flag, as in the record
+    assert [s.id for s in backend.export(Filters(familiar=False))] == [b, a]
 
 
 @pytest.mark.parametrize("limit", [1, 7, 50])
@@ -242,7 +286,78 @@ def test_replicas_starting_at_once_migrate_one_fresh_database(url):
         assert errors == []
         assert len(backends[0].search(Filters(), limit=50).items) == 6
         with backends[0]._reading() as cur:
-            assert backends[0]._rows(cur, "SELECT version FROM audit_schema") == [(1,)]
+            assert backends[0]._rows(cur, "SELECT version FROM audit_schema") == [(SCHEMA_VERSION,)]
     finally:
         for backend in backends:
             backend.close()
+
+
+@contextlib.contextmanager
+def raw_database(url: str) -> Iterator[tuple[object, str]]:
+    """A plain DB-API cursor on the store's database (no migration) and its placeholder."""
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            yield conn.cursor(), "?"
+        finally:
+            conn.close()
+    else:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            yield conn.cursor(), "%s"
+
+
+def make_version_1_database(url: str, records: list[dict]) -> None:
+    """The tables and rows a Macula with schema version 1 wrote: no familiar column (the flag only in the JSON)."""
+    types = open_backend(url).types
+    with raw_database(url) as (cur, mark):
+        cur.execute(VERSION_TABLE)
+        for statement in SCHEMA_V1:
+            cur.execute(statement.format(**types))
+        cur.execute(f"INSERT INTO audit_schema (version) VALUES ({mark})", (1,))
+        json_mark = mark if mark == "?" else f"{mark}::jsonb"
+        for record in records:
+            row = encode(record, (), now=0.0)
+            cur.execute("INSERT INTO predictions (id, created_at, model_name, model_version, route, latency_ms, "
+                        f"image_count, masks_kept, nbytes, record) VALUES ({', '.join([mark] * 9)}, {json_mark})",
+                        row.prediction_row())
+            for image in row.image_rows():
+                cur.execute("INSERT INTO prediction_images (prediction_id, n, created_at, model_name, model_version, "
+                            f"label, score, input_kept) VALUES ({', '.join([mark] * 8)})", image[:8])
+
+
+def test_a_version_1_database_migrates_and_its_old_rows_have_no_flag(url):
+    old = flagged("0" * 32, 1.0, "det", [("cat", False)])   # the flag is in its JSON, but no column held it
+    make_version_1_database(url, [old])
+    backends = [open_backend(url) for _ in range(4)]
+    barrier = threading.Barrier(len(backends))
+    errors: list[BaseException] = []
+
+    def start(backend) -> None:
+        try:
+            barrier.wait(timeout=10)
+            backend.open()   # replicas upgrading one old database at once: one adds the column, the rest see it
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(b,)) for b in backends]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    backend = backends[0]
+    try:
+        assert errors == []
+        with backend._reading() as cur:
+            assert backend._rows(cur, "SELECT version FROM audit_schema") == [(SCHEMA_VERSION,)]
+            assert backend._rows(cur, "SELECT prediction_id, familiar FROM prediction_images") == [(old["id"], None)]
+        new = flagged("1" * 32, 2.0, "det", [("cat", False)])
+        write(backend, [new])
+        assert [s.id for s in backend.search(Filters(familiar=False), limit=10).items] == [new["id"]]
+        assert [s.id for s in backend.search(Filters(familiar=True), limit=10).items] == []
+        assert [s.id for s in backend.search(Filters(label="cat"), limit=10).items] == [new["id"], old["id"]]
+        assert backend.get(old["id"]) == old   # the record itself is untouched
+    finally:
+        for each in backends:
+            each.close()

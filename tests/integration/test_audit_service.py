@@ -107,6 +107,19 @@ async def test_bad_search_parameters_are_422(model_dir, tmp_path, params):
     assert export.status_code == 422 and export.json()["code"] == "invalid_parameter"
 
 
+@pytest.mark.parametrize("value", ["yes", "1", "", "null", ["true", "false"]])
+async def test_familiar_other_than_true_or_false_is_422_naming_it(model_dir, tmp_path, value):
+    async with serving(model_dir, tmp_path, audit_db=":memory:") as (app, client):
+        answers = [await client.get(path, params={"familiar": value})
+                   for path in ("/v1/predictions", "/v1/predictions/export")]
+        fine = await client.get("/v1/predictions", params={"familiar": "false"})
+    for resp in answers:
+        assert resp.status_code == 422, resp.text
+        assert set(resp.json()) == {"detail", "code"} and resp.json()["code"] == "invalid_parameter"
+        assert "'familiar'" in resp.json()["detail"] or "familiar must be true or false" in resp.json()["detail"]
+    assert fine.status_code == 200 and fine.json() == {"items": [], "next_cursor": None}
+
+
 @pytest.mark.parametrize("mode", ["original", "none"])
 async def test_inputs_setting_keeps_the_original_or_nothing(model_dir, tmp_path, mode):
     blob = image_bytes(noise_image(4))

@@ -63,6 +63,42 @@ async def test_familiar_flag_separates_images_like_the_training_data_from_noise(
     assert counted == {(("model", "shapes"),): 12 + sum(not p["familiar"] for p in familiar)}
 
 
+async def search(client, **params) -> list[str]:
+    resp = await client.get("/v1/predictions", params=params)
+    assert resp.status_code == 200, resp.text
+    return [item["id"] for item in resp.json()["items"]]
+
+
+async def test_audit_search_filters_by_the_familiar_flag(model_dir, tmp_path):
+    images = pngs(shapes(6, seed=321)[0].numpy())
+    noise = pngs(np.random.default_rng(2).integers(0, 256, (2, 24, 24), dtype=np.uint8))
+    async with serving(model_dir, tmp_path) as (app, client):
+        made = [await predict(client, "shapes", images), await predict(client, "shapes", noise),
+                await predict(client, "shapes", [images[0], noise[0]]), await predict(client, "plain", noise)]
+        app.state.service.audit.flush(5)
+        newest_first = [body["id"] for body in reversed(made)]
+        found = {flag: await search(client, familiar=flag) for flag in ("true", "false")}
+        everything = await search(client)
+        # the noise image's label, with and without the flag of that same image
+        label = made[2]["predictions"][1]["top_k"][0]["label"]
+        by_label = {flag: await search(client, label=label, familiar=flag) for flag in ("true", "false")}
+        csv_rows = (await client.get("/v1/predictions/export", params={"format": "csv"})).text.splitlines()
+    flags = [[p.get("familiar") for p in body["predictions"]] for body in made]
+    assert flags[1] == [False, False] and flags[2][1] is False and flags[3] == [None, None]
+    assert any(flags[0])   # shapes like the training data: (mostly) familiar
+    expected = {flag: [pid for pid, body in zip(newest_first, reversed(made), strict=True)
+                       if any(p.get("familiar") is (flag == "true") for p in body["predictions"])]
+                for flag in ("true", "false")}
+    assert found == expected and made[1]["id"] in found["false"] and made[0]["id"] in found["true"]
+    assert made[3]["id"] in everything and made[3]["id"] not in found["true"] + found["false"]   # no detector
+    for flag, ids in by_label.items():   # label and familiar must hold for one and the same image
+        assert ids == [pid for pid, body in zip(newest_first, reversed(made), strict=True)
+                       if any(p.get("familiar") is (flag == "true") and p["top_k"][0]["label"] == label
+                              for p in body["predictions"])]
+    assert made[2]["id"] in by_label["false"]
+    assert csv_rows[0].endswith(",familiar") and csv_rows[1].endswith(",")   # the plain model's image: no flag
+
+
 async def test_scores_use_the_checkpoints_temperature(model_dir, calibrated, tmp_path):
     model, meta = load_checkpoint(calibrated)
     images = shapes(4, seed=7)[0]

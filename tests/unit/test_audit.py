@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from service.audit import AuditStore, Filters, KeptInput, StoreUnavailable
 from service.audit.metrics import AuditMetrics
+from service.audit.sql import SCHEMA_VERSION
 from service.audit.sqlite import SqliteBackend
 
 
@@ -98,10 +99,11 @@ def test_rows_carry_the_searchable_columns(store_factory, tmp_path):
         row = conn.execute("SELECT id, created_at, model_name, model_version, route, latency_ms, image_count, "
                            "masks_kept FROM predictions").fetchone()
         assert row == ("pred00007", 1234.5, "demo", "abc123def456", "/v1/predict", 19.5, 1, 1)
-        image = conn.execute("SELECT prediction_id, n, label, score, input_kept FROM prediction_images").fetchone()
-        assert image == ("pred00007", 0, "3", 0.9, 0)
+        image = conn.execute("SELECT prediction_id, n, label, score, input_kept, familiar "
+                             "FROM prediction_images").fetchone()
+        assert image == ("pred00007", 0, "3", 0.9, 0, None)   # no detector: no flag
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM audit_schema").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM audit_schema").fetchall() == [(SCHEMA_VERSION,)]
 
 
 def test_record_is_readable_before_the_writer_gets_to_it(tmp_path):
@@ -414,6 +416,7 @@ def test_a_file_from_before_schema_versioning_is_upgraded_in_place(tmp_path):
         page = store.search(Filters(label="3"))
         assert [s.id for s in page.items] == ["pred00002", "pred00001"]
         assert page.items[1].masks_kept and page.items[1].images[0].score == 0.9
+        assert store.search(Filters(familiar=False)).items == store.search(Filters(familiar=True)).items == []
     finally:
         store.close(timeout=5)
 

@@ -1,4 +1,4 @@
-"""The audit package's pure parts: time parsing, cursors, filters, store URLs, records → rows and masks,
+"""The audit package's pure parts: time and flag parsing, cursors, filters, store URLs, records → rows and masks,
 kept-input thumbnails."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.audit import InvalidQuery, KeptInput, keep_input, mask_modules, mask_png, open_backend, thumbnail
 from service.audit.inputs import media_type
-from service.audit.query import Filters, check_limit, decode_cursor, encode_cursor, page_sql, parse_time
+from service.audit.query import Filters, check_limit, decode_cursor, encode_cursor, page_sql, parse_bool, parse_time
 from service.audit.records import encode
 from service.audit.sqlite import MEMORY, SqliteBackend
 
@@ -35,6 +35,18 @@ def test_times_are_iso_8601_or_epoch_seconds(text, expected):
 def test_bad_times_are_invalid_queries(text):
     with pytest.raises(InvalidQuery, match="since"):
         parse_time(text, "since")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("true", True), ("false", False), ("TRUE", True), ("False", False)])
+def test_flags_are_true_or_false(text, expected):
+    assert parse_bool(text, "familiar") is expected
+
+
+@pytest.mark.parametrize("text", ["", "1", "0", "yes", "no", "on", "null", "truee", "x" * 500])
+def test_other_flag_values_are_invalid_queries_naming_the_parameter(text):
+    with pytest.raises(InvalidQuery, match="familiar must be true or false") as raised:
+        parse_bool(text, "familiar")
+    assert len(str(raised.value)) < 120   # a long value is cut, not echoed whole
 
 
 def test_cursor_round_trips_the_key_exactly():
@@ -69,6 +81,10 @@ def test_image_filters_search_the_image_rows_and_others_the_predictions():
     assert "FROM predictions " in sql and "DISTINCT" not in sql
     assert params == ["v1", 5.0, 9.0, 11]
     assert sql.endswith("ORDER BY created_at DESC, id DESC LIMIT ?")
+    sql, params = page_sql(Filters(familiar=False, label="7"), None, 11)
+    assert "FROM prediction_images" in sql and "familiar = ?" in sql and "label = ?" in sql
+    assert params == ["7", False, 11]
+    assert Filters(familiar=True).image_level and not Filters(model="demo").image_level
 
 
 def test_store_urls_name_their_backend(tmp_path):
@@ -108,6 +124,17 @@ def test_encoding_takes_each_images_top1_and_counts_bytes():
     assert row.input_rows() == [("abc", 0, "thumbnail", "image/jpeg", kept.data)]
     assert '"input":{"kept":"thumbnail"' in row.record_json
     assert "input" not in record["images"][0]   # the caller's record is not changed
+
+
+def test_encoding_keeps_each_images_familiar_flag_and_none_without_one():
+    record = record_with_masks()
+    record["images"][0] |= {"familiar": False, "familiarity": 0.01}
+    record["images"].append({"top_k": [], "familiar": "no"})   # not a bool: no flag rather than a wrong one
+    row = encode(record, (), now=0.0)
+    assert [i.familiar for i in row.images] == [False, None, None]
+    assert [r[-1] for r in row.image_rows()] == [False, None, None]
+    record["images"][1]["familiar"] = True
+    assert [i.familiar for i in encode(record, (), now=0.0).images] == [False, True, None]
 
 
 def test_masks_are_retrievable_by_image_and_module():

@@ -6,7 +6,7 @@ import { api, storedKey, storeKey, whenKeyNeeded } from './api.js';
 import { formatTime, showDetail } from './detail.js';
 
 const PAGE_SIZE = 50;
-const FILTERS = ['model', 'label', 'min_score', 'max_score', 'since', 'until'];
+const FILTERS = ['model', 'label', 'min_score', 'max_score', 'familiar', 'since', 'until'];
 const $ = (id) => document.getElementById(id);
 const uploads = new Map(); // id → {response, file} for predictions made from this tab
 let thumbnailUrls = [];
@@ -42,7 +42,7 @@ function askForKey(message) {
 // ---------------------------------------------------------------- list
 
 // One summary of GET /v1/predictions: {id, created_at, model: {name, version}, route, image_count, masks_kept,
-// images: [{n, label, score, input_kept}]}; the row shows its first image.
+// images: [{n, label, score, input_kept, familiar (models with a detector)}]}; the row shows its first image.
 function summaryOf(item) {
   const model = item.model || {};
   const first = (item.images && item.images[0]) || {};
