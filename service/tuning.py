@@ -1,7 +1,7 @@
 """Each model's batch cap and memory format, chosen at start-up by timing it (``MACULA_TUNE=auto``, the default).
 
-The best ones differ by model and CPU: on one 2-core CPU a CBAM-ResNet50 peaks at batch 4 in the contiguous format,
-a CBAM-ResNet18 at batch 8-16 in channels_last, and a batch larger than the peak only adds latency. So before a
+The best ones differ by model and CPU (a deep model may peak at a small batch in the contiguous format where a
+shallower one peaks at 8-16 in channels_last), and a batch larger than the peak only adds latency. So before a
 model's compiled forms are looked up (their cache key holds both choices) and before its warm-up, on the thread
 that runs the model (the worker's main thread, or the inference thread), :func:`tune` times the eager forward of
 random images at batch sizes 1, 2, 4, 8, 16 (up to ``MACULA_MAX_BATCH_CEILING``) in each memory format the
