@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = f"MACULA_{name.upper()}"
-        if field.annotation is bool:
+        if field.annotation in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"(env {env})")
         else:
             default = "" if field.default is None else f", default {field.default}"

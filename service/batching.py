@@ -3,10 +3,11 @@
 What the model does lives in ``inference.py``; this module only decides *which* images run together and
 *when* (the split LitServe makes between its ``LitAPI`` and its batching loop).
 
-Rule: the moment the inference thread is free it runs everything queued for a model, up to ``max_size``
-images. It waits for more only while more images for that model are being decoded right now (they will be
-queued within milliseconds) and only until ``max_delay`` after the *first* queued image arrived, so a lone
-client never waits out a delay for a batch of one, and under load batches fill while the previous batch runs.
+Rule: the moment the inference thread is free it runs everything queued for a model, up to that model's batch
+cap (``max_size``, or what :meth:`Batcher.set_max_size` gave it: service/tuning.py chooses one per model). It waits
+for more only while more images for that model are being decoded right now (they will be queued within
+milliseconds) and only until ``max_delay`` after the *first* queued image arrived, so a lone client never waits
+out a delay for a batch of one, and under load batches fill while the previous batch runs.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ class Batcher:
     """Per-model bounded queues served by ONE inference thread that owns torch's intra-op threads.
 
     ``run_batch(model, inputs (N, C, H, W), attention) -> list`` of N per-image results runs on that thread.
+    ``max_size`` is every model's batch cap until :meth:`set_max_size` gives a model its own.
     """
 
     def __init__(self, run_batch: Callable[[str, np.ndarray, bool], list[Any]], models: Sequence[str], *,
@@ -141,6 +143,7 @@ class Batcher:
         self.max_size, self.max_delay, self.max_queue, self.timeout_s = max_size, max_delay, max_queue, timeout_s
         self.torch_threads = torch_threads
         self._queues: dict[str, deque[Pending]] = {name: deque() for name in models}
+        self._max_sizes: dict[str, int] = dict.fromkeys(models, max_size)
         self._expecting: dict[str, int] = dict.fromkeys(models, 0)
         self._cond = threading.Condition()
         self._stopping = False
@@ -202,6 +205,18 @@ class Batcher:
             self._cond.notify()
         return future
 
+    def set_max_size(self, model: str, size: int) -> None:
+        """Batches of ``model`` take at most ``size`` images from now on."""
+        if size < 1:
+            raise ValueError(f"a batch cap must be at least 1, got {size}")
+        with self._cond:
+            self._max_sizes[model] = size
+            self._cond.notify()
+
+    def max_size_of(self, model: str) -> int:
+        with self._cond:
+            return self._max_sizes[model]
+
     def queued(self, model: str) -> int:
         with self._cond:
             return len(self._queues[model])
@@ -247,7 +262,7 @@ class Batcher:
                     self._cond.wait()
                     continue
                 model = min(heads)[1]
-                collected = collect_batch(self._queues[model], now=time.monotonic(), max_size=self.max_size,
+                collected = collect_batch(self._queues[model], now=time.monotonic(), max_size=self._max_sizes[model],
                                           max_delay=self.max_delay, expecting=self._expecting[model])
                 self._queues[model] = deque(collected.rest)
                 self._set_depth(model)

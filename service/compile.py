@@ -3,8 +3,10 @@
 The service builds them itself in the background on its first start (and runs this same command to do so); running
 it beforehand, e.g. in an image build or a deploy step on the serving hardware, makes even the first start serve
 compiled forms. Build with the settings the service will run with (the ``MACULA_*`` environment is read, flags
-override it): the device, precision, batch cap and thread count are part of the cache key, and a form built for
-other ones is simply not found. Exit status 0 when every form is in the cache, 1 if any failed.
+override it): the device, precision, batch cap, memory format and thread count are part of the cache key, and a form
+built for other ones is simply not found. A batch cap or memory format the settings leave open is chosen as the
+service chooses it (service/tuning.py: the timings kept in the cache, else timed now and kept there). Exit status 0
+when every form is in the cache, 1 if any failed.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from . import tuning
 from .compiled import FORMS, CompileCache, build, compile_key
 from .inference import ModelRunner
 from .settings import Settings
 
-SETTING_FLAGS = ("model_dir", "compile_cache", "device", "amp_dtype", "max_batch_size", "torch_threads")
+SETTING_FLAGS = ("model_dir", "compile_cache", "device", "amp_dtype", "max_batch_size", "max_batch_ceiling",
+                 "torch_threads", "tune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp-dtype", dest="amp_dtype", metavar="DTYPE", help="bfloat16, float16 or none "
                    "(env MACULA_AMP_DTYPE)")
     p.add_argument("--max-batch-size", dest="max_batch_size", metavar="N", help="the batch cap "
-                   "(env MACULA_MAX_BATCH_SIZE; default the device's)")
+                   "(env MACULA_MAX_BATCH_SIZE; default: chosen as the service chooses it)")
+    p.add_argument("--max-batch-ceiling", dest="max_batch_ceiling", metavar="N",
+                   help="the largest batch cap timing may choose (env MACULA_MAX_BATCH_CEILING)")
+    p.add_argument("--tune", metavar="MODE", help="auto or off (env MACULA_TUNE)")
     p.add_argument("--torch-threads", dest="torch_threads", metavar="N", help="the inference thread's torch "
                    "threads (env MACULA_TORCH_THREADS; default torch's)")
     p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction,
@@ -66,13 +73,15 @@ def checkpoints(model_dir: Path, names: str | None) -> dict[str, Path]:
 def build_all(settings: Settings, names: str | None, forms: list[str], *, force: bool) -> int:
     """Build every wanted form; print one line each; the number that failed."""
     device = settings.resolved_device()
-    max_batch, _ = settings.batch_limits(device)
+    plan = tuning.plan_for(settings, device)
     threads = settings.torch_threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     cache, failed = CompileCache(settings.compile_cache_dir()), 0
     for name, path in checkpoints(settings.model_dir, names).items():
         runner = ModelRunner(name, path, device=device, amp_dtype=settings.amp_dtype,
-                             channels_last=settings.channels_last)
+                             channels_last=plan.formats[0] == "channels_last", max_batch_size=plan.first_batch_size)
+        tuning.tune(runner, plan, cache)
+        max_batch = runner.max_batch_size
         key = compile_key(runner, max_batch, threads)
         for form in forms:
             if form == "attention" and not runner.has_attention:
@@ -90,7 +99,7 @@ def build_all(settings: Settings, names: str | None, forms: list[str], *, force:
                 failed += 1
                 continue
             print(f"{name} {form}: {target} ({time.perf_counter() - started:.0f} s; {runner.precision}, "
-                  f"batch 1-{max_batch}, {threads} threads, {device})", flush=True)
+                  f"{runner.memory_format_name}, batch 1-{max_batch}, {threads} threads, {device})", flush=True)
     return failed
 
 

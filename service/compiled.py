@@ -45,7 +45,6 @@ from .inference import ModelRunner
 
 log = logging.getLogger("service.compile")
 
-SCHEME = "features-v1"  # the compiled graphs: pooled features (and masks), input cast to the runner's dtype
 SCHEME = "features-v1"  # what is compiled: pooled features (and masks) from an input cast to the runner's dtype
 FORMS = ("forward", "attention")  # plain, and with every attention module's masks
 SCORE_TOLERANCE = {"float32": 1e-3}  # compiled vs eager softmax scores and masks (both in [0, 1]); others below
@@ -101,8 +100,9 @@ def compile_key(runner: ModelRunner, max_batch: int, threads: int) -> CompileKey
 
 
 class CompileCache:
-    """The files of one cache directory: ``<stem>.<form>.pt2`` packages, ``.failed`` markers, ``.lock`` files and
-    ``<stem>.decision.json`` (whether the compiled form paid, measured once per key)."""
+    """The files of one cache directory: ``<stem>.<form>.pt2`` packages, ``.failed`` markers, ``.lock`` files,
+    ``<stem>.decision.json`` (whether the compiled form paid, measured once per key) and ``<stem>.tuning.json``
+    (a model's timings by batch size and memory format: service/tuning.py, its own key)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -116,9 +116,14 @@ class CompileCache:
     def decision(self, key: CompileKey) -> Path:
         return self.root / f"{key.stem}.decision.json"
 
+    def tuning(self, key: Any) -> Path:
+        """``key``: a ``service.tuning.TuneKey``."""
+        return self.root / f"{key.stem}.tuning.json"
+
     @contextlib.contextmanager
-    def locked(self, key: CompileKey, form: str) -> Iterator[None]:
-        """Hold ``<stem>.<form>.lock`` exclusively (released by the OS if this process dies)."""
+    def locked(self, key: Any, form: str) -> Iterator[None]:
+        """Hold ``<stem>.<form>.lock`` exclusively (released by the OS if this process dies); ``key``: anything
+        with a ``stem`` (a :class:`CompileKey`, a ``service.tuning.TuneKey``)."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / f"{key.stem}.{form}.lock", "a+b") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -49,11 +49,13 @@ class Compiler:
     :meth:`load_cached` before warm-up (blocking), :meth:`start_background` once serving, :meth:`stop` at shutdown.
 
     ``command(runner, form)`` is the child process that builds one form (default: ``python -m service.compile``).
+    Each form is compiled for its runner's batch cap and memory format (``runner.max_batch_size``, chosen before
+    :meth:`load_cached`: service/tuning.py).
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics, *, max_batch: int,
+    def __init__(self, settings: Settings, metrics: Metrics, *,
                  command: Callable[[ModelRunner, str], list[str]] | None = None) -> None:
-        self.settings, self.mode, self.max_batch = settings, settings.compile, max_batch
+        self.settings, self.mode = settings, settings.compile
         self.cache = CompileCache(settings.compile_cache_dir())
         self.metrics = metrics
         self.command = command or self.build_command
@@ -117,7 +119,7 @@ class Compiler:
 
     def _serve(self, runner: ModelRunner, *, build: bool) -> bool:
         """Bring ``runner``'s forms in, in order; with ``build`` build missing ones. True if one is still to build."""
-        key = compile_key(runner, self.max_batch, self.threads)
+        key = compile_key(runner, runner.max_batch_size, self.threads)
         decision = self.cache.read_decision(key) if self.mode == "auto" else None
         if decision is not None and not decision["pays"]:
             self._report(runner, key, decision)
@@ -187,7 +189,7 @@ class Compiler:
         base = runner.compiled or CompiledModel(runner.model, names)
         candidate = base.with_form(form, package)
         try:
-            problem = self._on_inference(compiled.mismatch, runner, candidate, form, (1, self.max_batch))
+            problem = self._on_inference(compiled.mismatch, runner, candidate, form, (1, runner.max_batch_size))
         except Stopped:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -221,7 +223,7 @@ class Compiler:
 
     def _measure(self, runner: ModelRunner, candidate: CompiledModel) -> dict[str, Any]:
         """Median forward time, eager and compiled interleaved, each run its own job between batches."""
-        pixels = compiled.example_pixels(runner, self.max_batch)
+        pixels = compiled.example_pixels(runner, runner.max_batch_size)
         times: dict[str, list[float]] = {"eager": [], "compiled": []}
         for round_ in range(TIMING_ROUNDS + 1):
             for name, model in (("eager", None), ("compiled", candidate)):
@@ -229,7 +231,7 @@ class Compiler:
                 if round_:
                     times[name].append(seconds)
         eager_s, compiled_s = statistics.median(times["eager"]), statistics.median(times["compiled"])
-        return decide(eager_s, compiled_s, self.max_batch)
+        return decide(eager_s, compiled_s, runner.max_batch_size)
 
     # ------------------------------------------------------------------ helpers
 
@@ -249,13 +251,14 @@ class Compiler:
         return False
 
     def build_command(self, runner: ModelRunner, form: str) -> list[str]:
-        """``python -m service.compile`` for one form of one model, with exactly this service's key settings."""
+        """``python -m service.compile`` for one form of one model, with exactly this service's key settings (the
+        runner's batch cap and memory format given, so the builder does not time them again)."""
         return [sys.executable, "-m", "service.compile", "--model-dir", str(runner.path.parent),
                 "--models", runner.name, "--forms", form, "--cache", str(self.cache.root),
                 "--device", str(runner.device), "--amp-dtype", self.settings.amp_dtype,
-                "--max-batch-size", str(self.max_batch), "--torch-threads", str(self.threads),
+                "--max-batch-size", str(runner.max_batch_size), "--torch-threads", str(self.threads),
                 "--nice", str(BUILD_NICE),
-                "--channels-last" if self.settings.channels_last else "--no-channels-last"]
+                "--channels-last" if runner.memory_format_name == "channels_last" else "--no-channels-last"]
 
 
 def decide(eager_s: float, compiled_s: float, batch: int) -> dict[str, Any]:

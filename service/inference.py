@@ -24,7 +24,10 @@ from torch import nn
 from models import fold_batchnorm, load_checkpoint
 from models.familiarity import detector_scores, familiarity, is_familiar, probabilities
 
+from .settings import CPU_BATCH_DEFAULTS, CUDA_BATCH_DEFAULTS
+
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "none": None}
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 def cpu_has_native_bf16() -> bool:
@@ -64,10 +67,16 @@ class ModelRunner:
     """One served model on one device."""
 
     def __init__(self, name: str, path: Path, *, device: str = "cpu", amp_dtype: str = "bfloat16",
-                 channels_last: bool = True, native_cpu_bf16: bool | None = None) -> None:
+                 channels_last: bool = True, max_batch_size: int | None = None,
+                 native_cpu_bf16: bool | None = None) -> None:
         self.name, self.path, self.device = name, path, torch.device(device)
         model, self.meta = load_checkpoint(path, map_location=self.device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # the largest batch the batcher forms for this model (default: the device's) ...
+        self.max_batch_size = max_batch_size or (CUDA_BATCH_DEFAULTS if self.device.type == "cuda"
+                                                 else CPU_BATCH_DEFAULTS)[0]
+        # ... and how it and the memory format were decided: "tuned", "configured" or "default" (service/tuning.py)
+        self.tuning = {"max_batch_size": "configured", "memory_format": "configured"}
         self.amp_dtype = autocast_dtype(self.device, amp_dtype, native_cpu_bf16=native_cpu_bf16)
         self.model = prepare_for_serving(model, self.device, self.amp_dtype, memory_format=self.memory_format)
         self.has_attention = bool(self.meta.arch.get("attention"))
@@ -84,6 +93,17 @@ class ModelRunner:
     def precision(self) -> str:
         """``"bfloat16"`` / ``"float16"`` (autocast) or ``"float32"``: what this runner computes in."""
         return str(self.amp_dtype or torch.float32).removeprefix("torch.")
+
+    @property
+    def memory_format_name(self) -> str:
+        """``"channels_last"`` or ``"contiguous"``: the layout of the weights and of every input batch."""
+        return next(name for name, fmt in MEMORY_FORMATS.items() if fmt is self.memory_format)
+
+    def use_memory_format(self, name: str, model: nn.Module | None = None) -> None:
+        """Serve in memory format ``name``: the model converted, or ``model``, a copy already in it (call on the
+        runner's thread, before any compiled form is swapped in)."""
+        self.memory_format = MEMORY_FORMATS[name]
+        self.model = model if model is not None else self.model.to(memory_format=self.memory_format)
 
     @property
     def serving_form(self) -> str:

@@ -74,6 +74,9 @@ class RemoteModel:
     has_attention: bool
     attention_modules: list[str]
     attention_sizes: dict[str, tuple[int, int]]
+    max_batch_size: int  # the batch cap and memory format the worker chose (service/tuning.py), and how
+    memory_format_name: str
+    tuning: dict[str, str]
     process: InferenceProcess = field(repr=False)
 
     @property
@@ -109,7 +112,8 @@ def _remote_model(name: str, info: dict[str, Any], process: InferenceProcess) ->
                               training=m["training"], extra=m["extra"], calibration=calibration)
     return RemoteModel(name, Path(info["path"]), meta, info["precision"], info["has_attention"],
                        list(info["attention_modules"]), {k: tuple(v) for k, v in info["attention_sizes"].items()},
-                       process)
+                       int(info["max_batch_size"]), str(info["memory_format"]),
+                       {str(k): str(v) for k, v in info["tuning"].items()}, process)
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
@@ -376,14 +380,16 @@ class InferenceProcess:
 
     def _handshake(self, conn: _Connection) -> None:
         config = {"settings": self.settings.model_dump(mode="json", exclude=SECRET_SETTINGS),
-                  "checkpoints": {name: str(path) for name, path in self.checkpoints.items()}}
+                  "checkpoints": {name: str(path) for name, path in self.checkpoints.items()},
+                  "chosen": self._chosen()}
         try:
             send_json(conn.sock, Kind.CONFIG, config)
             while True:
                 kind, body, fds = conn.receive(with_fds=True)
                 if kind is Kind.STATUS:
                     status = receive_json(body)
-                    self._set_state(self.state, f"{status['state']}: model {status['model']!r}")
+                    detail = f" ({status['detail']})" if status.get("detail") else ""
+                    self._set_state(self.state, f"{status['state']}: model {status['model']!r}{detail}")
                 elif kind is Kind.READY:
                     ready = receive_json(body)
                     conn.attach(ready, fds)
@@ -398,6 +404,12 @@ class InferenceProcess:
                     raise WorkerStartFailed(f"unexpected {kind.name} from the worker during start-up")
         except PeerGone:
             raise WorkerStartFailed(f"the worker exited during start-up (status {conn.proc.wait()})") from None
+
+    def _chosen(self) -> dict[str, dict]:
+        """The batch caps and memory formats the first worker chose: a restarted worker keeps them (the server's
+        batcher and the shared memory were sized for them) and times nothing."""
+        return {name: {"max_batch_size": m.max_batch_size, "memory_format": m.memory_format_name,
+                       "tuning": m.tuning} for name, m in self.models.items()}
 
     def _set_state(self, state: str, reason: str) -> None:
         with self._changed:

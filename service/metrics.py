@@ -9,7 +9,7 @@ latencies land in informative buckets.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -72,6 +72,11 @@ class Metrics:
                                                ["model"], registry=r)
         self.model_info = Gauge("macula_model_info", "Served model (value is always 1)",
                                 ["name", "version", "arch", "attention"], registry=r)
+        # each model's batch cap and memory format (service/tuning.py)
+        self.model_max_batch_size = Gauge("macula_model_max_batch_size", "The largest batch one forward of the model "
+                                          "takes (chosen by timing, or configured)", ["model"], registry=r)
+        self.model_channels_last = Gauge("macula_model_channels_last", "1 while the model runs in the channels_last "
+                                         "memory format, 0 in the contiguous one", ["model"], registry=r)
         # the compiled serving form (service/compiling.py)
         self.model_compiled = Gauge("macula_model_compiled", "1 while the model's compiled forward serves, 0 while "
                                     "eager", ["model"], registry=r)
@@ -167,11 +172,19 @@ class Metrics:
         self._model_info[name] = labels
         self.model_info.labels(*labels).set(1)
 
+    def set_model_tuning(self, name: str, max_batch_size: int, memory_format: str) -> None:
+        """Publish a served model's batch cap and memory format."""
+        self.model_max_batch_size.labels(name).set(max_batch_size)
+        self.model_channels_last.labels(name).set(1 if memory_format == "channels_last" else 0)
+
     def remove_model(self, name: str) -> None:
         """Forget a model that is no longer served (its info series disappears)."""
         old = self._model_info.pop(name, None)
         if old is not None:
             self.model_info.remove(*old)
+        for gauge in (self.model_max_batch_size, self.model_channels_last):
+            with suppress(KeyError):
+                gauge.remove(name)
 
     # ------------------------------------------------------------------ process side
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Batch defaults per device, from measurement (docs/benchmarks.md): on CPU images/s rise up to batch 4-8 and then
@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # than a few ms for company buys nothing. A GPU keeps gaining up to batch 64+ and its forward takes milliseconds,
 # so it caps higher and waits a bit longer to fill a batch. The wait only ever happens while more images are
 # being decoded (see batching.py).
+# Those defaults hold with MACULA_TUNE=off; with auto (the default) each model's batch cap (on CPU) and memory
+# format are chosen at start-up by timing it (service/tuning.py), since the best ones differ by model and CPU.
 CPU_BATCH_DEFAULTS = (8, 3.0)  # (max_batch_size, max_batch_delay_ms)
 CUDA_BATCH_DEFAULTS = (64, 5.0)
 
@@ -30,14 +32,16 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: str = "auto"
     amp_dtype: Literal["bfloat16", "float16", "none"] = "bfloat16"
-    channels_last: bool = True
+    channels_last: bool | None = None  # unset ("auto"): chosen by timing (tune=auto), else channels_last
     compile: Literal["auto", "on", "off"] = "auto"  # the compiled serving form (service/compiled.py, docs/api.md)
     compile_cache: Path | None = None  # default: MODEL_DIR/.compile-cache
     torch_threads: int | None = Field(None, ge=1)
     inference_process: bool = True  # run the models in a worker process of their own (service/worker.py)
     omp_spin_count: int = Field(10_000, ge=0)  # the worker's GOMP_SPINCOUNT (unless the environment sets one)
     decode_threads: int | None = Field(None, ge=1)
-    max_batch_size: int | None = Field(None, ge=1)
+    max_batch_size: int | None = Field(None, ge=1)  # unset: chosen by timing up to max_batch_ceiling (CPU, tune=auto)
+    max_batch_ceiling: int = Field(16, ge=1)
+    tune: Literal["auto", "off"] = "auto"  # per-model batch cap and memory format by timing (service/tuning.py)
     max_batch_delay_ms: float | None = Field(None, ge=0)
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
@@ -64,6 +68,12 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     drain_timeout_s: float = Field(20.0, ge=0)
     log_level: str = "info"
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _auto_is_unset(cls, value: object) -> object:
+        """``MACULA_CHANNELS_LAST=auto`` (or empty) means unset: chosen by timing."""
+        return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
 
     def resolved_device(self) -> str:
         """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``."""

@@ -22,12 +22,14 @@ from . import formatting, masks
 from .audit.factory import build_store, input_keeper
 from .batching import Batcher, DeadlineExceeded
 from .codec import DecodedImage, ImageTooLarge, finish, probe
+from .compiled import CompileCache
 from .compiling import Compiler
 from .decoding import DecodePool, Share
 from .inference import ImageResult, ModelRunner
 from .inference_process import InferenceProcess
 from .metrics import Metrics
 from .settings import Settings
+from .tuning import plan_for, tune
 
 log = logging.getLogger("service")
 
@@ -79,14 +81,15 @@ class Service:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.device = settings.resolved_device()
-        self.max_batch_size, self.max_batch_delay = settings.batch_limits(self.device)
+        self.max_batch_delay = settings.batch_limits(self.device)[1]
+        self.tuning_plan = plan_for(settings, self.device)  # each model's batch cap and memory format: tuning.py
         self.runners: dict[str, ModelRunner] = {}
         self.default_model: str | None = None
         self.batcher: Batcher | None = None
         self.decode_pool = DecodePool(settings.decode_workers(), budget_bytes=settings.decode_memory_bytes)
         self.audit = build_store(settings, metrics)            # the audit trail: service/audit
         self.keep_input = input_keeper(settings, self.audit)   # MACULA_AUDIT_INPUTS, made in the decode step
-        self.compiler = Compiler(settings, metrics, max_batch=self.max_batch_size)  # thread mode; else the worker's
+        self.compiler = Compiler(settings, metrics)  # thread mode; else the worker's
         self.process: InferenceProcess | None = None  # the inference worker (settings.inference_process)
         self.status = "starting"  # what the start is doing now (readiness reason)
         self.start_error: BaseException | None = None
@@ -124,7 +127,7 @@ class Service:
         self.default_model = self._pick_default(list(paths))
         in_process = self.settings.inference_process
         threads = None if in_process else self.settings.torch_threads or torch.get_num_threads()
-        self.batcher = Batcher(self._run_batch, list(paths), max_size=self.max_batch_size,
+        self.batcher = Batcher(self._run_batch, list(paths), max_size=self.tuning_plan.first_batch_size,
                                max_delay=self.max_batch_delay, max_queue=self.settings.max_queue,
                                timeout_s=self.settings.request_timeout_s, torch_threads=threads, metrics=self.metrics)
         self.batcher.start()
@@ -137,34 +140,41 @@ class Service:
         for name, runner in self.runners.items():
             meta = runner.meta
             self.metrics.set_model_info(name, meta.version, meta.arch["name"], meta.arch.get("attention"))
+            self.metrics.set_model_tuning(name, runner.max_batch_size, runner.memory_format_name)
+            self.batcher.set_max_size(name, runner.max_batch_size)
             if runner.detector is not None:  # exported at 0 from the start, so rate() has data
                 self.metrics.unfamiliar_inputs_total.labels(name)
-            log.info("loaded model %r (%s, version %s, %s) from %s", name, meta.arch["name"], meta.version,
-                     runner.precision, runner.path)
+            log.info("loaded model %r (%s, version %s, %s, %s, batches up to %d) from %s", name, meta.arch["name"],
+                     meta.version, runner.precision, runner.memory_format_name, runner.max_batch_size, runner.path)
         self.status = "opening the audit store"
         await asyncio.to_thread(self.audit.start)   # opens (and migrates) the database: not on the event loop
         self.ready = True
         self._publish_ready()
         if not in_process:
             self.compiler.start_background()  # forms not in the cache: built aside, swapped in when ready
-        log.info("ready: %d model(s) on %s%s, batches up to %d, delay %.1f ms", len(self.runners), self.device,
-                 " in the inference worker process" if in_process else "", self.max_batch_size,
-                 1000 * self.max_batch_delay)
+        log.info("ready: %d model(s) on %s%s, batch delay %.1f ms", len(self.runners), self.device,
+                 " in the inference worker process" if in_process else "", 1000 * self.max_batch_delay)
 
     async def _load_in_thread(self, paths: dict[str, Path], threads: int) -> None:
-        """Load in a helper thread, serve the cached compiled forms, warm up on the inference thread
-        (``inference_process=false``; the worker process does the same for itself)."""
+        """Load in a helper thread; choose each model's batch cap and memory format, serve the cached compiled
+        forms and warm up, on the inference thread (``inference_process=false``; the worker process does the same
+        for itself)."""
+        plan, cache = self.tuning_plan, CompileCache(self.settings.compile_cache_dir())
         for name, path in paths.items():
             self.status = f"loading: model {name!r}"
             self.runners[name] = await asyncio.to_thread(
                 ModelRunner, name, path, device=self.device, amp_dtype=self.settings.amp_dtype,
-                channels_last=self.settings.channels_last)
+                channels_last=plan.formats[0] == "channels_last", max_batch_size=plan.first_batch_size)
+        for name, runner in self.runners.items():
+            if plan.timed:
+                self.status = f"warming up: model {name!r} (timing batch sizes and memory formats)"
+            await asyncio.wrap_future(self.batcher.call(tune, runner, plan, cache))
         self.compiler.bind(list(self.runners.values()), self.batcher.call, threads)
         self.status = "loading the compiled forms"
         await asyncio.to_thread(self.compiler.load_cached)  # a warm compile cache: compiled before warm-up
         for name, runner in self.runners.items():
             self.status = f"warming up: model {name!r}"
-            await asyncio.wrap_future(self.batcher.call(runner.warm_up, self.max_batch_size))
+            await asyncio.wrap_future(self.batcher.call(runner.warm_up, runner.max_batch_size))
 
     def _pick_default(self, names: list[str]) -> str:
         wanted = self.settings.default_model

@@ -10,10 +10,12 @@ wake-up. Here only the main thread ever runs torch (one team), and no other Pyth
 audit writer) competes with it for the GIL between ops.
 
 It speaks :mod:`service.wire` on the socket the server passed: CONFIG in, STATUS while loading and warming up,
-READY with the shared memory, then RUN/RESULT (or FAILED) per batch, and an EVENT whenever a compile metric
-changes. The compiled serving forms (``MACULA_COMPILE``, :mod:`service.compiling`) are this process's: it loads
-the cached ones before warm-up and builds the missing ones in the background, and every step that runs a model
-(checks against eager, timing, the swap) is a job its main thread runs between two batches.
+READY with the shared memory (sized for the largest of the models' batch caps), then RUN/RESULT (or FAILED) per
+batch, and an EVENT whenever a compile metric changes. Each model's batch cap and memory format are chosen first
+(:mod:`service.tuning`; a restarted worker is handed the first one's choices in its CONFIG and times nothing). The
+compiled serving forms (``MACULA_COMPILE``, :mod:`service.compiling`) are this process's: it loads the cached ones
+before warm-up and builds the missing ones in the background, and every step that runs a model (checks against
+eager, timing, the swap) is a job its main thread runs between two batches.
 
 It leaves with the server: on STOP, at the end of the stream (the server exited or was killed), and by
 ``PR_SET_PDEATHSIG`` where Linux offers it (even while it is busy loading). SIGINT and SIGTERM are ignored: a
@@ -43,7 +45,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import wire
+from . import tuning, wire
+from .compiled import CompileCache
 from .compiling import Compiler
 from .inference import ModelRunner
 from .settings import Settings
@@ -79,6 +82,8 @@ def describe(runner: ModelRunner) -> dict:
     """What the server needs to know of a loaded model (JSON)."""
     meta = runner.meta
     return {"path": str(runner.path), "precision": runner.precision, "has_attention": runner.has_attention,
+            "max_batch_size": runner.max_batch_size, "memory_format": runner.memory_format_name,
+            "tuning": runner.tuning,
             "attention_modules": runner.attention_modules,
             "attention_sizes": {k: list(v) for k, v in runner.attention_sizes.items()},
             "meta": {"arch": meta.arch, "class_names": meta.class_names, "version": meta.version,
@@ -86,11 +91,12 @@ def describe(runner: ModelRunner) -> dict:
                      "calibration": meta.calibration.to_json() if meta.calibration is not None else None}}
 
 
-def layout_for(runners: dict[str, ModelRunner], max_batch: int) -> Layout:
+def layout_for(runners: dict[str, ModelRunner]) -> Layout:
+    """Shared memory for a batch of any served model, up to the largest batch cap."""
     models = {name: ModelLayout(runner.input_shape, runner.meta.num_classes,
                                 tuple((m, *runner.attention_sizes[m]) for m in runner.attention_modules))
               for name, runner in runners.items()}
-    return Layout(max_batch, models)
+    return Layout(max(runner.max_batch_size for runner in runners.values()), models)
 
 
 class RelayedMetric:
@@ -119,13 +125,14 @@ class RelayedMetrics:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, settings: Settings, checkpoints: dict[str, str]) -> None:
+    def __init__(self, sock: socket.socket, settings: Settings, checkpoints: dict[str, str],
+                 chosen: dict[str, dict] | None = None) -> None:
         self.sock, self.settings = sock, settings
         self.device = settings.resolved_device()
-        self.max_batch = settings.batch_limits(self.device)[0]
         self.checkpoints = checkpoints
+        self.chosen = chosen or {}  # model -> the batch cap and memory format an earlier worker chose (describe())
         self.runners: dict[str, ModelRunner] = {}
-        self.compiler = Compiler(settings, RelayedMetrics(self.emit), max_batch=self.max_batch)
+        self.compiler = Compiler(settings, RelayedMetrics(self.emit))
         self._send_lock = threading.Lock()  # the main thread and the compiler's thread both send
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # (future, fn, args) for the main thread
         self._wake_read, self._wake_write = os.pipe()
@@ -152,23 +159,40 @@ class Worker:
         return future
 
     def load(self) -> None:
-        """Load every model, serve its cached compiled forms and warm it up, in this (the main) thread."""
+        """Load every model, choose its batch cap and memory format, serve its cached compiled forms and warm it
+        up, in this (the main) thread."""
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
+        plan = tuning.plan_for(self.settings, self.device)
         for name, path in self.checkpoints.items():
             self.send_json(Kind.STATUS, {"state": "loading", "model": name})
             self.runners[name] = ModelRunner(name, Path(path), device=self.device,
                                              amp_dtype=self.settings.amp_dtype,
-                                             channels_last=self.settings.channels_last)
+                                             channels_last=plan.formats[0] == "channels_last",
+                                             max_batch_size=plan.first_batch_size)
+        self.choose(plan)
         self.compiler.bind(list(self.runners.values()), self.call, torch.get_num_threads())
         self.compiler.load_cached()
         for name, runner in self.runners.items():
             self.send_json(Kind.STATUS, {"state": "warming up", "model": name})
-            runner.warm_up(self.max_batch)
+            runner.warm_up(runner.max_batch_size)
+
+    def choose(self, plan: tuning.Plan) -> None:
+        """Each model's batch cap and memory format: as an earlier worker chose them, else by :func:`tuning.tune`."""
+        cache = CompileCache(self.settings.compile_cache_dir())
+        for name, runner in self.runners.items():
+            earlier = self.chosen.get(name)
+            if earlier is not None:
+                tuning.apply(runner, int(earlier["max_batch_size"]), earlier["memory_format"], earlier["tuning"])
+                continue
+            if plan.timed:
+                self.send_json(Kind.STATUS, {"state": "warming up", "model": name,
+                                             "detail": "timing batch sizes and memory formats"})
+            tuning.tune(runner, plan, cache)
 
     def serve(self) -> None:
         """Announce the models and the shared memory, then run batches until STOP or the end of the stream."""
-        self.layout = layout_for(self.runners, self.max_batch)
+        self.layout = layout_for(self.runners)
         fd, self.buffer = wire.shared_memory(self.layout.size)
         self.names = list(self.runners)
         ready = {"pid": os.getpid(), "layout": self.layout.to_json(),
@@ -251,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
         config = receive_json(body)
         settings = Settings(**config["settings"])
         logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        worker = Worker(sock, settings, config["checkpoints"])
+        worker = Worker(sock, settings, config["checkpoints"], config.get("chosen"))
         try:
             worker.load()
         except Exception as exc:  # noqa: BLE001 - the server reports it and stops starting

@@ -14,6 +14,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # Services started by tests serve eager unless a test asks for the compiled form (tests/*/test_compile*.py): a
 # background compile per started service would cost CI minutes. Child processes inherit this too.
 os.environ.setdefault("MACULA_COMPILE", "off")
+# Likewise they keep the fixed batch cap and memory format (MACULA_TUNE=off) unless a test asks for tuning
+# (tests/*/test_tuning*.py): timing every started service's model would cost seconds each.
+os.environ.setdefault("MACULA_TUNE", "off")
 
 
 def make_checkpoint(path: Path, *, arch: str = "resnet20", attention: str | None = "cbam", num_classes: int = 10,

@@ -1,4 +1,5 @@
-"""What is served: name, version, architecture, attention, classes, input, training summary."""
+"""What is served: name, version, architecture, attention, classes, input, training summary, and how it runs
+(precision, serving form, batch cap and memory format)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def describe(runner: ModelRunner) -> dict[str, Any]:
     return {"name": runner.name, "version": meta.version, "arch": meta.arch["name"],
             "attention": meta.arch.get("attention"), "num_classes": meta.num_classes, "classes": meta.class_names,
             "input_size": list(pre.input_size), "color": pre.color, "precision": runner.precision,
-            "serving_form": runner.serving_form,
+            "serving_form": runner.serving_form, "max_batch_size": runner.max_batch_size,
+            "memory_format": runner.memory_format_name, "tuning": dict(runner.tuning),
             "attention_modules": list(runner.attention_modules) if runner.has_attention else [],
             "preprocessing": {"resize_mode": pre.resize_mode, "resize_size": pre.resize_size,
                               "mean": list(pre.mean), "std": list(pre.std)},

@@ -21,10 +21,12 @@ from service_testing import assert_same_predictions, image_bytes, metric_samples
 from models import CheckpointError
 from service.app import create_app
 from service.batching import Batcher, InferenceFailed
+from service.compiled import CompileCache
 from service.inference import ModelRunner
 from service.inference_process import InferenceProcess, InferenceUnavailable, WorkerFailure
 from service.metrics import Metrics
 from service.settings import Settings
+from service.tuning import plan_for, tune
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
@@ -83,10 +85,13 @@ def test_worker_answers_like_the_model_in_this_process(gray_checkpoint, rgb_chec
 WORKER_ONLY = {"model", "device", "memory_format", "amp_dtype", "pixel_mean", "pixel_std", "compiled"}
 
 
-def test_a_remote_model_shows_what_a_runner_shows_the_service(gray_checkpoint):
+def test_a_remote_model_shows_what_a_runner_shows_the_service(gray_checkpoint, tmp_path):
     process = started({"gray": gray_checkpoint})
     try:
-        local, remote = ModelRunner("gray", gray_checkpoint, amp_dtype="none"), process.models["gray"]
+        plan = plan_for(Settings(**SETTINGS), "cpu")  # as the worker loads it
+        local = ModelRunner("gray", gray_checkpoint, amp_dtype="none", max_batch_size=plan.first_batch_size)
+        tune(local, plan, CompileCache(tmp_path))
+        remote = process.models["gray"]
         local.warm_up(SETTINGS["max_batch_size"])
         public = {name for name in dir(local) if not name.startswith("_")} - WORKER_ONLY
         for name in public:

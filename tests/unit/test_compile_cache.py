@@ -31,7 +31,7 @@ KEY = CompileKey(version="0123456789ab", scheme="features-v1", torch="2.14.1", d
 
 @pytest.fixture
 def runner(gray_checkpoint) -> ModelRunner:
-    return ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype="none")
+    return ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype="none", max_batch_size=4)
 
 
 def run_now(fn, *args) -> Future:
@@ -45,7 +45,7 @@ def make_compiler(tmp_path: Path, runner: ModelRunner, mode: str = "on",
                   command=None) -> tuple[Compiler, CollectorRegistry]:
     registry = CollectorRegistry()
     settings = Settings(model_dir=runner.path.parent, compile=mode, compile_cache=tmp_path / "cache", amp_dtype="none")
-    compiler = Compiler(settings, Metrics(registry), max_batch=4, command=command)
+    compiler = Compiler(settings, Metrics(registry), command=command)
     compiler.bind([runner], run_now, threads=1)
     return compiler, registry
 
@@ -56,7 +56,7 @@ def sample(registry: CollectorRegistry, name: str, **labels) -> float:
 
 
 def key_of(compiler: Compiler, runner: ModelRunner) -> CompileKey:
-    return compile_key(runner, compiler.max_batch, compiler.threads)
+    return compile_key(runner, runner.max_batch_size, compiler.threads)
 
 
 # ------------------------------------------------------------------------------------------------------ the key
