@@ -29,9 +29,8 @@ def capped_serve(self: worker.Worker) -> None:
         torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(device).total_memory,
                                                    device)
     else:
-        limit = SHARE * self.max_batch
-
         def run(runner, inputs, attention=False):
+            limit = SHARE * runner.max_batch_size  # each model's own cap (service/tuning.py)
             if len(inputs) > limit:
                 raise torch.OutOfMemoryError(f"simulated: {len(inputs)} images > {limit:g}")
             return real_run(runner, inputs, attention)

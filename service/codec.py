@@ -47,6 +47,7 @@ BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I
 STRIP_PIXELS = 1 << 20  # pixels per strip when narrowing 16-bit images
 SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)  # == round(v / 257)
 DRAFT_MARGIN = 2  # a JPEG decoded at reduced scale keeps at least this many times what the resize needs
+DRAFT_MIN_LONG_SIDE = 256  # ... and at least this longest side, so that audit thumbnails (256 px) keep theirs
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def _draft_for(img: Image.Image, pre: Preprocessing) -> float:
     if img.format != "JPEG":
         return 1.0
     needed = DRAFT_MARGIN * max(*pre.input_size, pre.resize_size if pre.resize_mode == "center_crop" else 0)
-    scale = needed / min(img.size)
+    scale = max(needed / min(img.size), DRAFT_MIN_LONG_SIDE / max(img.size))
     if scale >= 0.5:
         return 1.0
     width = img.width

@@ -162,7 +162,7 @@ def test_thumbnail_is_the_decoded_rotated_image_with_longest_side_256():
     from models import Preprocessing
     from service.codec import decode
 
-    data = exif_rotated_jpeg(2400, 1200, orientation=6)  # decoded at 1/8 for this 32-px model: 300 × 150
+    data = exif_rotated_jpeg(800, 400, orientation=6)  # a 32-px model: decoded at 1/2, the floor of 256 px
     pre = Preprocessing(input_size=(32, 32), resize_mode="stretch", resize_size=32, mean=(0.5,) * 3,
                         std=(0.25,) * 3, color="RGB")
     decoded, _ = decode(data, max_pixels=10**8, pre=pre)
