@@ -24,6 +24,15 @@ WITH_DETECTOR = {"bbbbbbbbbbbb", "cccccccccccc"}   # their images carry "familia
 LABELS = ["cat", "dog", "3", "ünïcode"]
 
 
+def at_once(target, backends: list) -> None:
+    """``target(backend)`` for every backend, each on a thread of its own, all at once; wait for them (60 s)."""
+    threads = [threading.Thread(target=target, args=(b,)) for b in backends]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+
 @pytest.fixture(params=BACKENDS)
 def url(request, tmp_path) -> str:
     if request.param == "sqlite":
@@ -277,11 +286,7 @@ def test_replicas_starting_at_once_migrate_one_fresh_database(url):
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=start, args=(b,)) for b in backends]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    at_once(start, backends)
     try:
         assert errors == []
         assert len(backends[0].search(Filters(), limit=50).items) == 6
@@ -341,11 +346,7 @@ def test_a_version_1_database_migrates_and_its_old_rows_have_no_flag(url):
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=start, args=(b,)) for b in backends]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    at_once(start, backends)
     backend = backends[0]
     try:
         assert errors == []

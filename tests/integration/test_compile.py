@@ -154,15 +154,21 @@ async def form_of(client) -> str:
     return (await client.get("/v1/models/demo")).json()["serving_form"]
 
 
-async def test_a_warm_cache_serves_compiled_from_the_start_without_compiling(built, model_dir, tmp_path,
-                                                                            monkeypatch):
+@pytest.mark.parametrize("inference_process", [False, True], ids=["thread", "worker"])
+async def test_a_warm_cache_serves_compiled_from_the_start_without_compiling(built, model_dir, tmp_path, monkeypatch,
+                                                                            inference_process):
+    """On the inference thread, and in the inference worker process (the default), which loads the forms itself
+    and relays the metric."""
     async with serving(model_dir, tmp_path / "eager", **SERVICE, compile="off") as (_, client):
         assert await form_of(client) == "eager"
         eager = await predict_all(client)
     monkeypatch.setattr(compiling.Compiler, "_build", lambda *a: pytest.fail("compiled again"))
-    async with serving(model_dir, tmp_path, **SERVICE, compile="on", compile_cache=built[0]) as (app, client):
+    async with serving(model_dir, tmp_path, **SERVICE, compile="on", compile_cache=built[0],
+                       inference_process=inference_process) as (app, client):
         assert await form_of(client) == "compiled"
-        assert app.state.service.compiler.pending == []
+        assert (app.state.service.process is not None) == inference_process
+        if not inference_process:
+            assert app.state.service.compiler.pending == []
         got = await predict_all(client)
         metrics = (await client.get("/metrics")).text
     assert_same_predictions(got, eager, atol=1e-3)
@@ -232,23 +238,6 @@ async def test_a_corrupt_package_falls_back_to_eager_with_the_metric(built, mode
     assert failures[(("model", "demo"), ("stage", "load"))] == 1
     assert metric_samples(metrics, "macula_model_compiled") == {(("model", "demo"),): 0.0}
     assert forward.with_suffix(".bad").exists()
-
-
-async def test_the_inference_worker_serves_a_warm_cache_compiled_and_relays_the_metric(built, model_dir, tmp_path):
-    """MACULA_INFERENCE_PROCESS (the default): the worker process loads the compiled forms itself."""
-    async with serving(model_dir, tmp_path / "eager", **SERVICE, compile="off") as (_, client):
-        eager = await predict_all(client)
-    async with serving(model_dir, tmp_path, **SERVICE, compile="on", compile_cache=built[0],
-                       inference_process=True) as (app, client):
-        assert app.state.service.process is not None
-        assert await form_of(client) == "compiled"
-        got = await predict_all(client)
-        metrics = (await client.get("/metrics")).text
-    assert_same_predictions(got, eager, atol=1e-3)
-    assert_same_masks(got, eager)
-    assert_same_familiarity(got, eager)
-    assert metric_samples(metrics, "macula_model_compiled") == {(("model", "demo"),): 1.0}
-    assert metric_samples(metrics, "macula_compile_failures_total") == {}
 
 
 async def test_a_corrupt_package_in_the_worker_falls_back_to_eager_with_the_metric(built, model_dir, tmp_path):
