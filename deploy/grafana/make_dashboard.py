@@ -120,10 +120,48 @@ def panels() -> list[dict]:
               [target(f"sum by (instance, device, kind) (macula_gpu_memory_bytes{{{INSTANCE}}})",
                       "{{instance}} {{device}} {{kind}}")], (16, 28, 8, 8), unit="bytes",
               description="torch allocated / reserved bytes; empty on CPU-only instances."),
+        *audit_store(36),
+        *serving_form(44),
+    ]
+
+
+def audit_store(y: int) -> list[dict]:
+    """The audit trail's writer: what it wrote, dropped and failed, how long a group commit takes, its backlog."""
+    return [
         panel("timeseries", "Audit store writes",
               [target(f"sum({rate('macula_audit_records_written_total', INSTANCE)})", "written"),
-               target(f"sum({rate('macula_audit_write_failures_total', INSTANCE)})", "failed", "B")],
-              (0, 36, 24, 6), unit="ops"),
+               target(f"sum({rate('macula_audit_write_failures_total', INSTANCE)})", "failed", "B"),
+               target(f"sum by (reason) ({rate('macula_audit_dropped_records_total', INSTANCE)})",
+                      "dropped: {{reason}}", "C")],
+              (0, y, 8, 8), unit="ops",
+              description="Records per second; a dropped record was answered 200 but is not in the trail "
+                          "(MACULA_AUDIT_DURABLE=true answers 503 instead)."),
+        panel("timeseries", "Audit group commit p50 / p95 / p99",
+              quantiles("macula_audit_write_duration_seconds", INSTANCE), (8, y, 8, 8), unit="s",
+              description="One group commit of the audit writer (SQLite or PostgreSQL)."),
+        panel("timeseries", "Audit backlog and store up",
+              [target(f"sum by (instance, backend) (macula_audit_queue_depth{{{INSTANCE}}})",
+                      "queued {{instance}} {{backend}}"),
+               target(f"min by (instance, backend) (macula_audit_store_up{{{INSTANCE}}})",
+                      "up {{instance}} {{backend}}", "B")],
+              (16, y, 8, 8),
+              description="Records waiting for the writer, and 1 while the store answers (0: reconnecting)."),
+    ]
+
+
+def serving_form(y: int) -> list[dict]:
+    """How each model runs: compiled or eager, its batch cap and memory format; inference worker restarts."""
+    form = [target(f"max by (instance, model) (macula_model_compiled{{{BY_MODEL}}})", fmt="table"),
+            target(f"max by (instance, model) (macula_model_max_batch_size{{{BY_MODEL}}})", ref="B", fmt="table"),
+            target(f"max by (instance, model) (macula_model_channels_last{{{BY_MODEL}}})", ref="C", fmt="table")]
+    return [
+        panel("table", "Serving form (compiled 1/0, batch cap, channels-last 1/0)", form, (0, y, 12, 6),
+              description="docs/operations.md: Compiled serving, Tuning."),
+        panel("stat", "Inference worker restarts",
+              [target(f"sum(increase(macula_inference_worker_restarts_total{{{INSTANCE}}}[$__range]))",
+                      "worker restarts")], (12, y, 12, 6), options=STAT,
+              description="Over the dashboard's time range. While the worker comes back, requests get 503; "
+                          "compile failures are in macula_compile_failures_total (docs/operations.md)."),
     ]
 
 

@@ -69,7 +69,8 @@ def used_metric_names() -> set[str]:
 
 def dashboard_queries() -> dict[str, list[str]]:
     panels = json.loads(DASHBOARD.read_text())["panels"]
-    return {p["title"]: [t["expr"].replace("$__rate_interval", "30s").replace("$instance", ".*")
+    return {p["title"]: [t["expr"].replace("$__rate_interval", "30s").replace("$__range", "5m")
+                         .replace("$instance", ".*")
                          .replace("$model", ".*") for t in p["targets"]] for p in panels}
 
 

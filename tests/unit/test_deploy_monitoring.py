@@ -97,7 +97,8 @@ def test_the_alert_unit_tests_can_fail(tmp_path):
 def test_promtool_parses_every_dashboard_query(tmp_path):
     """Grafana's variables replaced by what they expand to, each query checked as a recording rule."""
     def concrete(expr: str) -> str:
-        return expr.replace("$__rate_interval", "1m").replace("$instance", ".*").replace("$model", ".*")
+        return (expr.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$instance", ".*")
+                .replace("$model", ".*"))
 
     rules = [{"record": f"macula:dashboard_query_{i}", "expr": concrete(e)} for i, e in enumerate(dashboard_exprs())]
     path = tmp_path / "dashboard_rules.yml"
