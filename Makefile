@@ -60,10 +60,13 @@ demo-model: install
 	cp $(DEMO_OUT)/model.safetensors model_store/demo.safetensors
 	cp $(DEMO_OUT)/metrics.json model_store/demo.metrics.json
 
-# Plain vs BAM vs CBAM to convergence on two cluttered-mnist tasks, 3 seeds, both inits on the first
-# (docs/results.md): 27 runs, about 4 hours on 2 idle cores. Finished runs are kept and not trained again.
+# Plain vs BAM vs CBAM on two cluttered-mnist tasks, 3 seeds, both inits on the first (docs/results.md):
+# 24 runs, about 4 hours on 2 idle cores: the first task one 2-process run at a time, the hard one two
+# 1-process runs side by side. Finished runs are kept and not trained again.
 study: install
-	nice -n 10 $(PY) -m training.study --out runs/study --seeds 0 1 2 --nproc 2
+	nice -n 10 $(PY) -m training.study --out runs/study --tasks mnist48
+	nice -n 10 $(PY) -m training.study --out runs/study --tasks hard --jobs 2
+	$(PY) -m training.study --out runs/study --report
 
 # Serving benchmark: raw limit, naive FastAPI, LitServe, TorchServe and Macula (docs/benchmarks.md).
 bench: install system-deps

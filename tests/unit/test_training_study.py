@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from training import study
 
 
@@ -35,8 +37,17 @@ def test_train_command_is_the_demo_recipe_on_the_first_task(tmp_path: Path) -> N
     assert command[1:3] == ["-m", "training"]
     assert "--limit-train" in command and command[command.index("--epochs") + 1] == "3"
     assert command[command.index("--canvas-size") + 1] == "64"
-    sized = study.train_command(args, study.TASKS["hard"], "cbam", "official", 0, tmp_path)
-    assert sized[sized.index("--limit-train") + 1] == "2000" and sized[sized.index("--epochs") + 1] == "10"
+    hard = study.train_command(args, study.TASKS["hard"], "cbam", "official", 0, tmp_path)
+    assert hard[1:3] == ["-m", "training"] and "--limit-train" not in hard  # one process, every digit
+    assert hard[hard.index("--batch-size") + 1] == "32" and hard[hard.index("--epochs") + 1] == "15"
+
+
+def test_jobs_share_the_cores_between_the_processes_they_start(monkeypatch) -> None:
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 2)
+    two_jobs = study.parser().parse_args(["--jobs", "2"])
+    assert study.threads_per_process(two_jobs, study.TASKS["hard"]) == 1
+    assert study.threads_per_process(study.parser().parse_args([]), study.TASKS["hard"]) == 2
+    assert study.threads_per_process(two_jobs, study.TASKS["mnist48"]) == 1  # never 0
 
 
 def fake_run(out: Path, top1: float, *, module: str = "layer3.0.cbam") -> None:
@@ -58,3 +69,22 @@ def test_report_tabulates_finished_runs_mean_and_std(tmp_path: Path, capsys) -> 
     assert "| none / official | 1 | 98.00 ± 0.00 |" in table and "| bam /" not in table
     assert json.loads((tmp_path / "study.json").read_text())["runs"]["mnist48"]["cbam / official"][1]["top1"] == 0.99
     assert "cbam / official" in capsys.readouterr().out
+
+
+def test_only_the_missing_runs_are_trained(tmp_path: Path, monkeypatch) -> None:
+    fake_run(study.run_dir(tmp_path, "hard", "none", "official", 0), 0.9)
+    trained: list[tuple[str, int]] = []
+    monkeypatch.setattr(study, "train", lambda _args, _task, attention, _init, seed, _out: trained.append(
+        (attention, seed)))
+    args = study.parser().parse_args(["--out", str(tmp_path), "--tasks", "hard", "--seeds", "0", "1", "--jobs", "2"])
+    study.train_missing(args, tmp_path, study.plan(args))
+    assert sorted(trained) == sorted([("bam", 0), ("cbam", 0), ("none", 1), ("bam", 1), ("cbam", 1)])
+
+
+def test_a_failed_run_fails_the_study(tmp_path: Path, monkeypatch) -> None:
+    def crash(*_: object) -> None:
+        raise study.subprocess.CalledProcessError(1, "training")
+    monkeypatch.setattr(study, "train", crash)
+    with pytest.raises(study.subprocess.CalledProcessError):
+        study.main(["--out", str(tmp_path), "--tasks", "hard", "--seeds", "0", "--jobs", "2"])
+    assert not (tmp_path / "results.md").exists()
