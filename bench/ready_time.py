@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,32 +22,17 @@ from pathlib import Path
 import httpx
 
 from bench.payload import BENCH_MODELS, write_checkpoint
-from bench.servers.launch import REPO
+from bench.servers.launch import REPO, Launch, RunningServer
 
 
 def start_once(model_dir: Path, name: str, port: int, env: dict[str, str], log: Path) -> dict:
     """Launch, poll /readyz every 50 ms, read the serving form, stop; seconds from launch to ready."""
     base = f"http://127.0.0.1:{port}"
-    began = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, cwd=REPO)
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {proc.returncode}; see {log}")
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        ready_s = time.monotonic() - began
+    launch = Launch([sys.executable, "-m", "service", "--model-dir", str(model_dir), "--port", str(port)],
+                    f"{base}/readyz", f"{base}/v1/models/{name}/predict", env=env)
+    with RunningServer(launch, log, poll_s=0.05) as server:
         form = httpx.get(f"{base}/v1/models/{name}", timeout=5).json().get("serving_form", "eager")
-        return {"ready_s": ready_s, "serving_form": form}
-    finally:
-        proc.terminate()
-        proc.wait(60)
+        return {"ready_s": server.ready_s, "serving_form": form}
 
 
 def measure(key: str, args: argparse.Namespace) -> list[dict]:

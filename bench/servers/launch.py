@@ -99,11 +99,14 @@ def top1(server: str, answer: dict | list) -> int:
 
 
 class RunningServer:
-    """``with RunningServer(launch, log) as server:`` starts it, waits for ``ready_url``, stops it on exit."""
+    """``with RunningServer(launch, log) as server:`` starts it, waits for ``ready_url`` (polled every ``poll_s``),
+    stops it on exit; ``ready_s`` is the time from the launch to the first 200."""
 
-    def __init__(self, launch: Launch, log_path: Path, *, ready_timeout_s: float = 240.0) -> None:
-        self.launch, self.log_path, self.ready_timeout_s = launch, log_path, ready_timeout_s
+    def __init__(self, launch: Launch, log_path: Path, *, ready_timeout_s: float = 240.0, poll_s: float = 0.5
+                 ) -> None:
+        self.launch, self.log_path, self.ready_timeout_s, self.poll_s = launch, log_path, ready_timeout_s, poll_s
         self.proc: subprocess.Popen | None = None
+        self.ready_s: float | None = None
 
     def __enter__(self) -> RunningServer:
         env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -123,17 +126,19 @@ class RunningServer:
         self.stop()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
+        launched = time.monotonic()
+        deadline = launched + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready; "
                                    f"log {self.log_path}:\n{self.log_tail()}")
             try:
                 if httpx.get(self.launch.ready_url, timeout=2).status_code == 200:
+                    self.ready_s = time.monotonic() - launched
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.5)
+            time.sleep(self.poll_s)
         raise RuntimeError(f"server not ready after {self.ready_timeout_s:.0f} s; log {self.log_path}:\n"
                            f"{self.log_tail()}")
 
