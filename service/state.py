@@ -89,7 +89,8 @@ class Service:
         self.decode_pool = DecodePool(settings.decode_workers(), budget_bytes=settings.decode_memory_bytes)
         self.audit = build_store(settings, metrics)            # the audit trail: service/audit
         self.keep_input = input_keeper(settings, self.audit)   # MACULA_AUDIT_INPUTS, made in the decode step
-        self.compiler = Compiler(settings, metrics)  # thread mode; else the worker's
+        # The compiled forms' builder, in thread mode; the inference worker process has its own (service/worker.py).
+        self.compiler = None if settings.inference_process else Compiler(settings, metrics)
         self.process: InferenceProcess | None = None  # the inference worker (settings.inference_process)
         self.status = "starting"  # what the start is doing now (readiness reason)
         self.start_error: BaseException | None = None
@@ -150,7 +151,7 @@ class Service:
         await asyncio.to_thread(self.audit.start)   # opens (and migrates) the database: not on the event loop
         self.ready = True
         self._publish_ready()
-        if not in_process:
+        if self.compiler is not None:
             self.compiler.start_background()  # forms not in the cache: built aside, swapped in when ready
         log.info("ready: %d model(s) on %s%s, batch delay %.1f ms", len(self.runners), self.device,
                  " in the inference worker process" if in_process else "", 1000 * self.max_batch_delay)
@@ -159,7 +160,8 @@ class Service:
         """Load in a helper thread; choose each model's batch cap and memory format, serve the cached compiled
         forms and warm up, on the inference thread (``inference_process=false``; the worker process does the same
         for itself)."""
-        plan, cache = self.tuning_plan, CompileCache(self.settings.compile_cache_dir())
+        plan, cache, compiler = self.tuning_plan, CompileCache(self.settings.compile_cache_dir()), self.compiler
+        assert compiler is not None  # thread mode
         for name, path in paths.items():
             self.status = f"loading: model {name!r}"
             self.runners[name] = await asyncio.to_thread(
@@ -169,9 +171,9 @@ class Service:
             if plan.timed:
                 self.status = f"warming up: model {name!r} (timing batch sizes and memory formats)"
             await asyncio.wrap_future(self.batcher.call(tune, runner, plan, cache))
-        self.compiler.bind(list(self.runners.values()), self.batcher.call, threads)
+        compiler.bind(list(self.runners.values()), self.batcher.call, threads)
         self.status = "loading the compiled forms"
-        await asyncio.to_thread(self.compiler.load_cached)  # a warm compile cache: compiled before warm-up
+        await asyncio.to_thread(compiler.load_cached)  # a warm compile cache: compiled before warm-up
         for name, runner in self.runners.items():
             self.status = f"warming up: model {name!r}"
             await asyncio.wrap_future(self.batcher.call(runner.warm_up, runner.max_batch_size))
@@ -220,7 +222,8 @@ class Service:
 
     async def stop(self) -> None:
         self.begin_drain()
-        await asyncio.to_thread(self.compiler.stop)
+        if self.compiler is not None:
+            await asyncio.to_thread(self.compiler.stop)
         if self._start_task is not None and not self._start_task.done():
             self._start_task.cancel()  # still loading: nothing was accepted yet
         if self.batcher is not None:
