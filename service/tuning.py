@@ -15,7 +15,9 @@ take longer than :data:`TOTAL_BUDGET_S` (at least one timed round always runs). 
 compile cache (``MACULA_COMPILE_CACHE``, ``<version>-<digest>.tuning.json``), keyed by checkpoint version, torch,
 device, precision, thread count and what was timed, so a later start reads them instead of timing; a replica that
 finds another timing the same key waits for its timings (a lock file). Where the cache cannot be written every
-start times.
+start times. Timings taken on a busy host are served but not kept: when the timed rounds of a typical (median)
+format and size spread by more than :data:`STEADY_SPREAD` of their median (:func:`spread`), the next start times
+again.
 
 A setting given wins and is not timed: ``MACULA_MAX_BATCH_SIZE`` fixes the cap (the formats are then timed up to
 it), ``MACULA_CHANNELS_LAST`` the format. ``MACULA_TUNE=off``, and CUDA devices (where the fixed default pays and
@@ -33,6 +35,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +53,10 @@ TIMED_ROUNDS = 3
 TOLERANCE = 0.05  # the cap: the smallest batch within 5 % of the best images/s
 FORWARD_BUDGET_S = 1.0  # no larger batch for a format once its next forward is projected past this
 TOTAL_BUDGET_S = 15.0  # no further timed round once all forwards would take longer than this
+STEADY_SPREAD = 0.25  # timings whose typical (max - min) / median is above this are not kept
 
 Timings = dict[str, dict[int, float]]  # memory format -> batch size -> median seconds per forward
+Samples = dict[str, dict[int, list[float]]]  # memory format -> batch size -> seconds of each timed forward
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,29 @@ def choose(timings: Timings, tolerance: float = TOLERANCE) -> tuple[str, int]:
     return best_format, cap
 
 
-def measure(forward: Callable[[str, int], float], formats: Sequence[str], sizes: Sequence[int], *,
-            rounds: int = TIMED_ROUNDS, forward_budget_s: float = FORWARD_BUDGET_S,
-            total_budget_s: float = TOTAL_BUDGET_S) -> Timings:
-    """Median seconds of ``forward(format, size)`` per format and size, formats interleaved at each size.
+def measure(forward: Callable[[str, int], float], formats: Sequence[str], sizes: Sequence[int], **budgets: Any
+            ) -> Timings:
+    """Median seconds of ``forward(format, size)`` per format and size (:func:`measure_samples`)."""
+    return medians(measure_samples(forward, formats, sizes, **budgets))
+
+
+def medians(samples: Samples) -> Timings:
+    return {fmt: {size: statistics.median(times) for size, times in by_size.items()} for fmt, by_size in
+            samples.items()}
+
+
+def spread(samples: Samples) -> float:
+    """How unsteady the timings are: the median over formats and sizes of (max - min) / median of the timed
+    rounds; 0 with a single round (nothing to compare)."""
+    spreads = [(max(times) - min(times)) / statistics.median(times) for by_size in samples.values()
+               for times in by_size.values() if len(times) > 1]
+    return statistics.median(spreads) if spreads else 0.0
+
+
+def measure_samples(forward: Callable[[str, int], float], formats: Sequence[str], sizes: Sequence[int], *,
+                    rounds: int = TIMED_ROUNDS, forward_budget_s: float = FORWARD_BUDGET_S,
+                    total_budget_s: float = TOTAL_BUDGET_S) -> Samples:
+    """Seconds of each timed ``forward(format, size)`` per format and size, formats interleaved at each size.
 
     The untimed first round picks the sizes: ascending, per format, while the next size's forward is projected
     (linearly from the last one) within ``forward_budget_s``. Then timed rounds, while every forward so far and
@@ -132,7 +156,7 @@ def measure(forward: Callable[[str, int], float], formats: Sequence[str], sizes:
             last[fmt] = (size, forward(fmt, size))
             picked[fmt].append(size)
             spent += last[fmt][1]
-    samples: dict[str, dict[int, list[float]]] = {fmt: {size: [] for size in picked[fmt]} for fmt in formats}
+    samples: Samples = {fmt: {size: [] for size in picked[fmt]} for fmt in formats}
     round_s = spent
     for done in range(rounds):
         if done and spent + round_s > total_budget_s:
@@ -145,8 +169,7 @@ def measure(forward: Callable[[str, int], float], formats: Sequence[str], sizes:
                     samples[fmt][size].append(seconds)
                     round_s += seconds
         spent += round_s
-    return {fmt: {size: statistics.median(times) for size, times in by_size.items()} for fmt, by_size in
-            samples.items()}
+    return samples
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -224,13 +247,14 @@ def read_timings(cache: CompileCache, key: TuneKey) -> Timings | None:
     return timings if valid else None
 
 
-def verdict_json(key: TuneKey, timings: Timings, seconds: float) -> str:
+def verdict_json(key: TuneKey, timings: Timings, seconds: float, unsteadiness: float = 0.0) -> str:
     memory_format, cap = choose(timings)
     rates = {fmt: {str(size): round(size / s, 2) for size, s in by_size.items()} for fmt, by_size in timings.items()}
     return json.dumps({"memory_format": memory_format, "max_batch_size": cap, "images_per_s": rates,
                        "seconds": {fmt: {str(size): s for size, s in by_size.items()} for fmt, by_size in
                                    timings.items()},
-                       "tuning_s": round(seconds, 2), "key": asdict(key)}, indent=1) + "\n"
+                       "tuning_s": round(seconds, 2), "spread": round(unsteadiness, 3), "key": asdict(key)},
+                      indent=1) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- tune
@@ -280,9 +304,13 @@ def time_and_keep(runner: ModelRunner, timer: FormatTimer, plan: Plan, key: Tune
         if timings is not None:
             return timings
         started = time.perf_counter()
-        timings = measure(timer, plan.formats, plan.sizes)
-        seconds = time.perf_counter() - started
-        kept = cache.write_atomic(cache.tuning(key), verdict_json(key, timings, seconds))
+        samples = measure_samples(timer, plan.formats, plan.sizes)
+        seconds, timings, unsteadiness = time.perf_counter() - started, medians(samples), spread(samples)
+        if unsteadiness > STEADY_SPREAD:
+            log.warning("%s: timings unsteady (the rounds spread by %.0f %% of their median: a busy host?): served "
+                        "now but not kept, the next start times again", runner.name, 100 * unsteadiness)
+            return timings
+        kept = cache.write_atomic(cache.tuning(key), verdict_json(key, timings, seconds, unsteadiness))
         log.info("%s: timed %s at batch sizes %s in %.1f s%s", runner.name, " and ".join(plan.formats),
                  ", ".join(map(str, plan.sizes)), seconds,
                  f"; kept in {cache.tuning(key)}" if kept else "; not kept (the cache is not writable)")

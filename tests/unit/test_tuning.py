@@ -5,6 +5,7 @@ a cache that cannot be written."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 
@@ -94,6 +95,14 @@ def test_timed_rounds_stop_at_the_total_budget_but_one_always_runs():
     some = FakeForward(seconds)
     measure(some, ("a",), (1, 2), rounds=5, forward_budget_s=10, total_budget_s=10.0)
     assert len(some.calls) == 2 * 3  # 3 s untimed + 3 s + 3 s = 9 s; a third round would end at 12 s
+
+
+def test_spread_is_the_typical_relative_range_of_the_timed_rounds():
+    steady = {"a": {1: [1.0, 1.05, 1.0], 2: [2.0, 2.0, 2.1]}, "b": {1: [1.0, 5.0, 1.0]}}  # one outlier point
+    assert tuning.spread(steady) == pytest.approx(0.05)
+    busy = {"a": {1: [1.0, 1.5, 1.0], 2: [2.0, 3.0, 2.2]}, "b": {1: [1.0, 1.0, 1.02]}}
+    assert tuning.spread(busy) == pytest.approx(1.0 / 2.2) and tuning.spread(busy) > tuning.STEADY_SPREAD
+    assert tuning.spread({"a": {1: [1.0], 2: [3.0]}}) == 0.0  # one round: nothing to compare
 
 
 # ------------------------------------------------------------------------------------------------------ plan
@@ -232,6 +241,21 @@ def test_a_cache_that_cannot_be_written_means_timing_at_every_start(tmp_path, ru
     assert first and len(calls) == 2 * first
     assert "timing at every start" in caplog.text
     assert (runner.memory_format_name, runner.max_batch_size) == ("contiguous", 4)
+
+
+def test_unsteady_timings_are_served_but_not_kept(tmp_path, runner, gray_checkpoint, monkeypatch, caplog):
+    plan, cache = Plan(("channels_last", "contiguous"), None, 4, OPEN), CompileCache(tmp_path)
+    calls = synthetic(monkeypatch, CONTIGUOUS_AT_4)
+    jitter = itertools.cycle([1.0, 1.0, 1.6, 1.6])  # a busy host: each point's rounds differ by 60 %
+    timed = tuning.time_forward
+    monkeypatch.setattr(tuning, "time_forward", lambda *args: timed(*args) * next(jitter))
+    with caplog.at_level("INFO", logger="service.tuning"):
+        tune(runner, plan, cache)
+        first = len(calls)
+        tune(ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype="none"), plan, cache)
+    assert first and len(calls) == 2 * first  # timed again at the second start
+    assert "timings unsteady" in caplog.text and read_timings(cache, tune_key(runner, plan)) is None
+    assert runner.memory_format_name in tuning.FORMATS and runner.max_batch_size in plan.sizes
 
 
 # ------------------------------------------------------------------------------------- batcher and worker
