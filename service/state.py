@@ -9,7 +9,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +25,7 @@ from .codec import DecodedImage, ImageTooLarge, finish, probe
 from .compiled import CompileCache
 from .compiling import Compiler
 from .decoding import DecodePool, Share
+from .drain import Drain
 from .inference import ImageResult, ModelRunner
 from .inference_process import InferenceProcess
 from .metrics import Metrics
@@ -96,10 +97,7 @@ class Service:
         self.start_error: BaseException | None = None
         self._start_task: asyncio.Task | None = None
         self.ready = False
-        self.draining = False
-        self.drain_expired = False  # True shortly before the drain timeout: answer everything now
-        self._drain_waiters: set[asyncio.Future] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.drain = Drain(settings.drain_timeout_s, on_begin=lambda: metrics.set_ready(False))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,7 +119,7 @@ class Service:
     async def start(self) -> None:
         """Load and warm up every model, in the inference worker process (``inference_process``, where the forward
         runs at its raw speed: docs/benchmarks.md) or in this process; then serve."""
-        self._loop = asyncio.get_running_loop()
+        self.drain.loop = asyncio.get_running_loop()
         paths = await asyncio.to_thread(find_checkpoints, self.settings.model_dir)
         if not paths:
             raise FileNotFoundError(f"no *.safetensors checkpoints in {self.settings.model_dir}")
@@ -192,33 +190,19 @@ class Service:
 
     def begin_drain(self) -> None:
         """Stop taking new work (SIGTERM): readiness goes 503 at once; accepted requests still finish, and those
-        not finished shortly before ``drain_timeout_s`` are answered 503 ``not_ready`` (see :attr:`drain_expired`)."""
-        if self.draining:
-            return
-        self.draining = True
-        self.metrics.set_ready(False)
-        timeout = self.settings.drain_timeout_s
-        answer_by = max(0.0, timeout - min(1.0, timeout / 4))  # leave the server time to send those answers
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._loop.call_later, answer_by, self._expire_drain)
+        not finished shortly before ``drain_timeout_s`` are answered 503 ``not_ready`` (service/drain.py)."""
+        self.drain.begin()
 
-    def _expire_drain(self) -> None:
-        self.drain_expired = True
-        for waiter in list(self._drain_waiters):
-            with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits there any more
-                waiter.get_loop().call_soon_threadsafe(_resolve, waiter)
+    @property
+    def draining(self) -> bool:
+        return self.drain.draining
 
-    @contextlib.contextmanager
-    def drain_deadline(self) -> Iterator[asyncio.Future]:
-        """A future on the running loop that resolves when the drain runs out (at once if it has)."""
-        waiter = asyncio.get_running_loop().create_future()
-        if self.drain_expired:
-            waiter.set_result(None)
-        self._drain_waiters.add(waiter)
-        try:
-            yield waiter
-        finally:
-            self._drain_waiters.discard(waiter)
+    @property
+    def drain_expired(self) -> bool:
+        return self.drain.expired
+
+    def drain_deadline(self) -> contextlib.AbstractContextManager[asyncio.Future]:
+        return self.drain.deadline()
 
     async def stop(self) -> None:
         self.begin_drain()
@@ -405,11 +389,6 @@ async def _first_of(work: asyncio.Future, until_gone: Callable[[], Awaitable[Any
     if work not in done:
         raise ClientGone()
     return work.result()
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _consume(future: asyncio.Future) -> None:
