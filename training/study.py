@@ -192,12 +192,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train_missing(args: argparse.Namespace, out: Path, planned: list[tuple[str, str, str, int]]) -> None:
-    """Train the planned runs not finished yet, ``args.jobs`` at a time, in plan order; the first failure raises."""
+    """Train the planned runs not finished yet, ``args.jobs`` at a time, in plan order. A failed run raises once
+    the runs under way end, and no further run starts."""
     missing = [(TASKS[task], attention, init, seed, run_dir(out, task, attention, init, seed))
                for task, attention, init, seed in planned if not finished(run_dir(out, task, attention, init, seed))]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for done in [pool.submit(train, args, *run) for run in missing]:
-            done.result()
+        runs = [pool.submit(train, args, *run) for run in missing]
+        try:
+            for run in runs:
+                run.result()
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

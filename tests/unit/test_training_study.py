@@ -81,10 +81,14 @@ def test_only_the_missing_runs_are_trained(tmp_path: Path, monkeypatch) -> None:
     assert sorted(trained) == sorted([("bam", 0), ("cbam", 0), ("none", 1), ("bam", 1), ("cbam", 1)])
 
 
-def test_a_failed_run_fails_the_study(tmp_path: Path, monkeypatch) -> None:
-    def crash(*_: object) -> None:
+def test_a_failed_run_fails_the_study_and_no_further_run_starts(tmp_path: Path, monkeypatch) -> None:
+    started: list[str] = []
+
+    def crash(_args, _task, attention: str, *_: object) -> None:
+        started.append(attention)
         raise study.subprocess.CalledProcessError(1, "training")
     monkeypatch.setattr(study, "train", crash)
     with pytest.raises(study.subprocess.CalledProcessError):
-        study.main(["--out", str(tmp_path), "--tasks", "hard", "--seeds", "0", "--jobs", "2"])
+        study.main(["--out", str(tmp_path), "--tasks", "hard", "--seeds", "0", "1", "2", "--jobs", "1"])
     assert not (tmp_path / "results.md").exists()
+    assert started[0] == "none" and len(started) <= 2  # of 9 planned; the worker may take one more as it fails
