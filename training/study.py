@@ -93,15 +93,21 @@ def finished(out: Path) -> bool:
 def score(out: Path, rescore: bool = False) -> dict[str, Any]:
     """``training.evaluate``'s report on the test split, plus training time and speed from ``metrics.json``."""
     path = out / "evaluation.json"
-    if path.is_file() and not rescore:
-        return json.loads(path.read_text())
-    report = evaluate_run(evaluate_parser().parse_args([str(out / "model.safetensors"), "--split", "test"]))
     epochs = json.loads((out / "metrics.json").read_text())["epochs"]
+    if path.is_file() and not rescore:
+        return json.loads(path.read_text()) | learning_speed(epochs)
+    report = evaluate_run(evaluate_parser().parse_args([str(out / "model.safetensors"), "--split", "test"]))
     report["epochs"] = len(epochs)
     report["train_seconds"] = sum(row["epoch_seconds"] for row in epochs)
     report["train_img_per_s"] = statistics.median(row["img_per_s"] for row in epochs)
     path.write_text(json.dumps(report, indent=2))
-    return report
+    return report | learning_speed(epochs)
+
+
+def learning_speed(epochs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The validation curve, and the first epoch (1-based) at 90 % validation accuracy (None: never)."""
+    curve = [row["val_acc"] for row in epochs]
+    return {"val_curve": curve, "epoch_to_90": next((i + 1 for i, acc in enumerate(curve) if acc >= 0.9), None)}
 
 
 def threads_per_process(args: argparse.Namespace, task: Task) -> int:
@@ -138,17 +144,20 @@ def per_stage(runs: list[dict[str, Any]], key: str) -> str:
 
 
 def summarise(reports: dict[str, list[dict[str, Any]]]) -> str:
-    """One row per ``attention/init``: top-1 mean ± std, localisation per stage, seeds, epochs, img/s."""
+    """One row per ``attention/init``: top-1 mean ± std, localisation per stage, seeds, epochs, the epoch each
+    seed first reached 90 % on validation, img/s."""
     lines = ["| attention / init | seeds | test top-1 % (mean ± std) | mask mass in box, per stage | pointing game, "
-             "per stage | box share | epochs | train img/s |", "|---|---|---|---|---|---|---|---|"]
+             "per stage | box share | epochs | first epoch at 90 % val | train img/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, runs in reports.items():
         if not runs:
             continue
         epochs = "/".join(sorted({str(r.get("epochs", "?")) for r in runs}))
         speed = statistics.mean(r.get("train_img_per_s", 0.0) for r in runs)
+        to_90 = ", ".join(str(r.get("epoch_to_90") or "—") for r in runs)
         lines.append(f"| {arm} | {len(runs)} | {mean_std([r['top1'] for r in runs])} | "
                      f"{per_stage(runs, 'localisation')} | {per_stage(runs, 'pointing')} | "
-                     f"{runs[0]['box_share']:.3f} | {epochs} | {speed:.0f} |")
+                     f"{runs[0]['box_share']:.3f} | {epochs} | {to_90} | {speed:.0f} |")
     return "\n".join(lines)
 
 

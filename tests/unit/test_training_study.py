@@ -53,7 +53,8 @@ def test_jobs_share_the_cores_between_the_processes_they_start(monkeypatch) -> N
 def fake_run(out: Path, top1: float, *, module: str = "layer3.0.cbam") -> None:
     out.mkdir(parents=True)
     (out / "metrics.json").write_text(json.dumps({"test": {"acc": top1}, "epochs": [
-        {"epoch_seconds": 10.0, "img_per_s": 100.0}, {"epoch_seconds": 12.0, "img_per_s": 120.0}]}))
+        {"epoch_seconds": 10.0, "img_per_s": 100.0, "val_acc": 0.5},
+        {"epoch_seconds": 12.0, "img_per_s": 120.0, "val_acc": top1 - 0.03}]}))
     (out / "evaluation.json").write_text(json.dumps({
         "top1": top1, "box_share": 0.137, "localisation": {module: 0.2}, "pointing": {module: 0.9},
         "epochs": 2, "train_img_per_s": 110.0}))
@@ -65,9 +66,13 @@ def test_report_tabulates_finished_runs_mean_and_std(tmp_path: Path, capsys) -> 
     fake_run(study.run_dir(tmp_path, "mnist48", "none", "official", 0), 0.98)
     assert study.main(["--out", str(tmp_path), "--report", "--tasks", "mnist48", "--seeds", "0", "1"]) == 0
     table = (tmp_path / "results.md").read_text()
-    assert "| cbam / official | 2 | 98.00 ± 1.41 | layer3 0.200 | layer3 0.900 | 0.137 | 2 | 110 |" in table
+    assert "| cbam / official | 2 | 98.00 ± 1.41 | layer3 0.200 | layer3 0.900 | 0.137 | 2 | 2, 2 | 110 |" in table
     assert "| none / official | 1 | 98.00 ± 0.00 |" in table and "| bam /" not in table
     assert json.loads((tmp_path / "study.json").read_text())["runs"]["mnist48"]["cbam / official"][1]["top1"] == 0.99
+    fake_run(study.run_dir(tmp_path, "mnist48", "bam", "macula", 0), 0.91)  # validation at 88 %: never 90
+    study.main(["--out", str(tmp_path), "--report", "--tasks", "mnist48", "--seeds", "0", "--runs", "bam:macula"])
+    assert "| bam / macula | 1 | 91.00 ± 0.00 | layer3 0.200 | layer3 0.900 | 0.137 | 2 | — | 110 |" in (
+        tmp_path / "results.md").read_text()
     assert "cbam / official" in capsys.readouterr().out
 
 
