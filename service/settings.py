@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(None, ge=1)  # unset: chosen by timing up to max_batch_ceiling (CPU, tune=auto)
     max_batch_ceiling: int = Field(16, ge=1)
     tune: Literal["auto", "off"] = "auto"  # per-model batch cap and memory format by timing (service/tuning.py)
+    tune_max_spread: float = Field(0.25, ge=0)  # timings more unsteady than this are used but not kept
     max_batch_delay_ms: float | None = Field(None, ge=0)
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)

@@ -16,8 +16,8 @@ compile cache (``MACULA_COMPILE_CACHE``, ``<version>-<digest>.tuning.json``), ke
 device, precision, thread count and what was timed, so a later start reads them instead of timing; a replica that
 finds another timing the same key waits for its timings (a lock file). Where the cache cannot be written every
 start times. Timings taken on a busy host are served but not kept: when the timed rounds of a typical (median)
-format and size spread by more than :data:`STEADY_SPREAD` of their median (:func:`spread`), the next start times
-again.
+format and size spread by more than ``MACULA_TUNE_MAX_SPREAD`` (25 %) of their median (:func:`spread`), the next
+start times again.
 
 A setting given wins and is not timed: ``MACULA_MAX_BATCH_SIZE`` fixes the cap (the formats are then timed up to
 it), ``MACULA_CHANNELS_LAST`` the format. ``MACULA_TUNE=off``, and CUDA devices (where the fixed default pays and
@@ -53,7 +53,6 @@ TIMED_ROUNDS = 3
 TOLERANCE = 0.05  # the cap: the smallest batch within 5 % of the best images/s
 FORWARD_BUDGET_S = 1.0  # no larger batch for a format once its next forward is projected past this
 TOTAL_BUDGET_S = 15.0  # no further timed round once all forwards would take longer than this
-STEADY_SPREAD = 0.25  # timings whose typical (max - min) / median is above this are not kept
 
 Timings = dict[str, dict[int, float]]  # memory format -> batch size -> median seconds per forward
 Samples = dict[str, dict[int, list[float]]]  # memory format -> batch size -> seconds of each timed forward
@@ -67,6 +66,7 @@ class Plan:
     max_batch_size: int | None  # the fixed cap, or None: chosen by timing up to ``ceiling``
     ceiling: int
     sources: dict[str, str]  # "max_batch_size" / "memory_format" -> "tuned" | "configured" | "default"
+    max_spread: float = 0.25  # timings more unsteady than this (:func:`spread`) are used but not kept
 
     @property
     def timed(self) -> bool:
@@ -97,7 +97,7 @@ def plan_for(settings: Settings, device: str) -> Plan:
     else:
         batch, batch_source = (None if open_ else settings.batch_limits(device)[0]), unset
     return Plan(tuple(formats), batch, settings.max_batch_ceiling,
-                {"max_batch_size": batch_source, "memory_format": format_source})
+                {"max_batch_size": batch_source, "memory_format": format_source}, settings.tune_max_spread)
 
 
 # ---------------------------------------------------------------------------------------------------- choosing
@@ -306,7 +306,7 @@ def time_and_keep(runner: ModelRunner, timer: FormatTimer, plan: Plan, key: Tune
         started = time.perf_counter()
         samples = measure_samples(timer, plan.formats, plan.sizes)
         seconds, timings, unsteadiness = time.perf_counter() - started, medians(samples), spread(samples)
-        if unsteadiness > STEADY_SPREAD:
+        if unsteadiness > plan.max_spread:
             log.warning("%s: timings unsteady (the rounds spread by %.0f %% of their median: a busy host?): served "
                         "now but not kept, the next start times again", runner.name, 100 * unsteadiness)
             return timings

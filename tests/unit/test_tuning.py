@@ -101,7 +101,7 @@ def test_spread_is_the_typical_relative_range_of_the_timed_rounds():
     steady = {"a": {1: [1.0, 1.05, 1.0], 2: [2.0, 2.0, 2.1]}, "b": {1: [1.0, 5.0, 1.0]}}  # one outlier point
     assert tuning.spread(steady) == pytest.approx(0.05)
     busy = {"a": {1: [1.0, 1.5, 1.0], 2: [2.0, 3.0, 2.2]}, "b": {1: [1.0, 1.0, 1.02]}}
-    assert tuning.spread(busy) == pytest.approx(1.0 / 2.2) and tuning.spread(busy) > tuning.STEADY_SPREAD
+    assert tuning.spread(busy) == pytest.approx(1.0 / 2.2) and tuning.spread(busy) > Settings().tune_max_spread
     assert tuning.spread({"a": {1: [1.0], 2: [3.0]}}) == 0.0  # one round: nothing to compare
 
 
@@ -256,6 +256,9 @@ def test_unsteady_timings_are_served_but_not_kept(tmp_path, runner, gray_checkpo
     assert first and len(calls) == 2 * first  # timed again at the second start
     assert "timings unsteady" in caplog.text and read_timings(cache, tune_key(runner, plan)) is None
     assert runner.memory_format_name in tuning.FORMATS and runner.max_batch_size in plan.sizes
+    tolerant = Plan(plan.formats, None, 4, OPEN, max_spread=1.0)  # MACULA_TUNE_MAX_SPREAD=1: kept
+    tune(ModelRunner("gray", gray_checkpoint, device="cpu", amp_dtype="none"), tolerant, cache)
+    assert read_timings(cache, tune_key(runner, tolerant)) is not None
 
 
 # ------------------------------------------------------------------------------------- batcher and worker
