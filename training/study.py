@@ -17,9 +17,9 @@ stage's modules, training images/s) go to ``OUT/results.md`` and the raw numbers
 Runs already finished in ``OUT/<task>/<attention>-<init>-s<seed>`` are not trained again, so an interrupted
 study picks up where it stopped (``--rescore`` evaluates them again).
 
-``--jobs N`` trains N runs side by side, each process with ``cores // (N × processes)`` threads. A ResNet-20 on
-small canvases does not fill two cores through one process's intra-op threads, so on 2 cores two one-process runs
-train about 1.2× as many images per second as one two-process DDP run (docs/results.md).
+``--jobs N`` trains N runs side by side, each process with ``cores // (N × processes)`` threads: how the ``hard``
+task's one-process runs keep 2 cores busy (together about as many images per second as one two-process DDP run of
+the same network, docs/results.md).
 """
 
 from __future__ import annotations
