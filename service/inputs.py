@@ -76,8 +76,10 @@ async def _multipart(request: Request, field: str, max_images: int, max_bytes: i
                                      max_part_size=max_bytes)
             form = await parser.parse()
     except MultiPartException as exc:
-        if exc.message.startswith(("Too many files", "Too many fields")):  # Starlette stops counting there
+        if exc.message.startswith("Too many files"):  # Starlette stops counting there
             raise TooManyImages(max_images) from None
+        if exc.message.startswith("Too many fields"):  # form fields that are not files: not images
+            raise MalformedRequest(f"malformed multipart body: more than {max_images + 16} form fields") from None
         raise MalformedRequest(f"malformed multipart body: {exc.message}") from None
     try:
         parts = form.getlist(field)

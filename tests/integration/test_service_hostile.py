@@ -80,6 +80,9 @@ CASES = {
     "chunked oversize body": ("/v1/predict", raw(chunks(BODY_LIMIT * 3)), 413, "body_too_large"),
     "chunked oversize multipart": ("/v1/predict", {"content": chunks(BODY_LIMIT * 3, prefix=PART_HEAD), "headers": {
         "Content-Type": "multipart/form-data; boundary=xyz"}}, 413, "body_too_large"),
+    "many form fields, no file": ("/v1/predict", raw(b"".join(
+        b'--xyz\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i for i in range(30)) + b"--xyz--\r\n",
+        "multipart/form-data; boundary=xyz"), 400, "bad_request"),
     "malformed multipart": ("/v1/predict", raw(b"--xyz\r\ngarbage", "multipart/form-data; boundary=xyz"), 400,
                             "bad_request"),
     "invalid base64": ("/v1/predict", {"json": {"images": ["@@not-base64@@"]}}, 400, "bad_request"),
