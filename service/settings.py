@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # format are chosen at start-up by timing it (service/tuning.py), since the best ones differ by model and CPU.
 CPU_BATCH_DEFAULTS = (8, 3.0)  # (max_batch_size, max_batch_delay_ms)
 CUDA_BATCH_DEFAULTS = (64, 5.0)
+DEFAULT_TUNE_MAX_SPREAD = 0.25  # timings more unsteady than this are used but not kept (service/tuning.py)
 
 
 class Settings(BaseSettings):
@@ -42,7 +43,7 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(None, ge=1)  # unset: chosen by timing up to max_batch_ceiling (CPU, tune=auto)
     max_batch_ceiling: int = Field(16, ge=1)
     tune: Literal["auto", "off"] = "auto"  # per-model batch cap and memory format by timing (service/tuning.py)
-    tune_max_spread: float = Field(0.25, ge=0)  # timings more unsteady than this are used but not kept
+    tune_max_spread: float = Field(DEFAULT_TUNE_MAX_SPREAD, ge=0)
     max_batch_delay_ms: float | None = Field(None, ge=0)
     max_queue: int = Field(256, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)

@@ -9,7 +9,7 @@ settings leave open, the formats interleaved at each size: one untimed round, th
 timed ones, and the median per (format, size). :func:`choose` takes the format with the most images/s at its best
 batch, and as the cap the smallest batch within :data:`TOLERANCE` of that rate (equal throughput, lower latency).
 
-It is time-boxed (:func:`measure`): a format stops growing its batch once the next size's forward is projected
+It is time-boxed (:func:`measure_samples`): a format stops growing its batch once the next size's forward is projected
 past :data:`FORWARD_BUDGET_S`, and no further timed round starts once all forwards so far and the next round would
 take longer than :data:`TOTAL_BUDGET_S` (at least one timed round always runs). The timings are kept in the
 compile cache (``MACULA_COMPILE_CACHE``, ``<version>-<digest>.tuning.json``), keyed by checkpoint version, torch,
@@ -35,14 +35,13 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
 from .compiled import CompileCache, device_signature
 from .inference import MEMORY_FORMATS, ModelRunner
-from .settings import Settings
+from .settings import DEFAULT_TUNE_MAX_SPREAD, Settings
 
 log = logging.getLogger("service.tuning")
 
@@ -66,7 +65,7 @@ class Plan:
     max_batch_size: int | None  # the fixed cap, or None: chosen by timing up to ``ceiling``
     ceiling: int
     sources: dict[str, str]  # "max_batch_size" / "memory_format" -> "tuned" | "configured" | "default"
-    max_spread: float = 0.25  # timings more unsteady than this (:func:`spread`) are used but not kept
+    max_spread: float = DEFAULT_TUNE_MAX_SPREAD  # more unsteady timings (:func:`spread`) are used but not kept
 
     @property
     def timed(self) -> bool:
@@ -114,12 +113,6 @@ def choose(timings: Timings, tolerance: float = TOLERANCE) -> tuple[str, int]:
     best = max(rates[best_format].values())
     cap = min(size for size, rate in rates[best_format].items() if rate >= (1 - tolerance) * best)
     return best_format, cap
-
-
-def measure(forward: Callable[[str, int], float], formats: Sequence[str], sizes: Sequence[int], **budgets: Any
-            ) -> Timings:
-    """Median seconds of ``forward(format, size)`` per format and size (:func:`measure_samples`)."""
-    return medians(measure_samples(forward, formats, sizes, **budgets))
 
 
 def medians(samples: Samples) -> Timings:
@@ -189,7 +182,7 @@ def time_forward(runner: ModelRunner, model: torch.nn.Module, memory_format: str
 
 
 class FormatTimer:
-    """``timer(format, size)``: seconds of one forward of random images, for :func:`measure`. Holds the runner's
+    """``timer(format, size)``: seconds of one forward of random images, for :func:`measure_samples`. Holds the runner's
     model in each format (a copy for each format it is not in)."""
 
     def __init__(self, runner: ModelRunner, formats: Sequence[str]) -> None:

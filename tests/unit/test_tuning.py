@@ -18,7 +18,7 @@ from service.batching import Batcher
 from service.compiled import CompileCache
 from service.inference import ModelRunner
 from service.settings import Settings
-from service.tuning import Plan, choose, measure, plan_for, read_timings, tune, tune_key
+from service.tuning import Plan, choose, measure_samples, medians, plan_for, read_timings, tune, tune_key
 
 OPEN = {"max_batch_size": "tuned", "memory_format": "tuned"}
 
@@ -74,7 +74,8 @@ class FakeForward:
 def test_measure_interleaves_the_formats_leaves_the_first_round_out_and_takes_medians():
     forward = FakeForward({"a": {1: [9.0, 0.1, 0.3, 0.2], 2: [9.0, 0.4, 0.4, 0.5]},
                            "b": {1: [9.0, 0.2, 0.2, 0.2], 2: [9.0, 0.3, 0.9, 0.3]}})
-    timings = measure(forward, ("a", "b"), (1, 2), rounds=3, forward_budget_s=100, total_budget_s=1000)
+    timings = medians(measure_samples(forward, ("a", "b"), (1, 2), rounds=3, forward_budget_s=100,
+                                      total_budget_s=1000))
     assert timings == {"a": {1: 0.2, 2: 0.4}, "b": {1: 0.2, 2: 0.3}}
     assert forward.calls == [("a", 1), ("b", 1), ("a", 2), ("b", 2)] * 4
 
@@ -82,7 +83,7 @@ def test_measure_interleaves_the_formats_leaves_the_first_round_out_and_takes_me
 def test_a_format_stops_growing_once_its_next_forward_would_exceed_the_budget():
     seconds = {"slow": {1: [0.3] * 4, 2: [0.6] * 4, 4: [1.2] * 4}, "fast": {1: [0.1] * 4, 2: [0.2] * 4,
                                                                          4: [0.4] * 4}}
-    timings = measure(FakeForward(seconds), ("slow", "fast"), (1, 2, 4), rounds=3, forward_budget_s=1.0,
+    timings = measure_samples(FakeForward(seconds), ("slow", "fast"), (1, 2, 4), rounds=3, forward_budget_s=1.0,
                       total_budget_s=1000)
     assert set(timings["slow"]) == {1, 2} and set(timings["fast"]) == {1, 2, 4}  # 0.6 * 4 / 2 > 1.0
 
@@ -90,10 +91,10 @@ def test_a_format_stops_growing_once_its_next_forward_would_exceed_the_budget():
 def test_timed_rounds_stop_at_the_total_budget_but_one_always_runs():
     seconds = {"a": {1: [1.0] * 10, 2: [2.0] * 10}}
     once = FakeForward(seconds)
-    measure(once, ("a",), (1, 2), rounds=3, forward_budget_s=10, total_budget_s=1.0)
+    measure_samples(once, ("a",), (1, 2), rounds=3, forward_budget_s=10, total_budget_s=1.0)
     assert len(once.calls) == 2 * 2  # the untimed round and one timed round, though both are over the budget
     some = FakeForward(seconds)
-    measure(some, ("a",), (1, 2), rounds=5, forward_budget_s=10, total_budget_s=10.0)
+    measure_samples(some, ("a",), (1, 2), rounds=5, forward_budget_s=10, total_budget_s=10.0)
     assert len(some.calls) == 2 * 3  # 3 s untimed + 3 s + 3 s = 9 s; a third round would end at 12 s
 
 
