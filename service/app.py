@@ -56,7 +56,7 @@ class RequestMetrics:
 
 
 class DrainGuard:
-    """Pure ASGI middleware: once the drain runs out (:meth:`Service.drain_deadline`), a request that has not started
+    """Pure ASGI middleware: once the drain runs out (:meth:`Drain.deadline`), a request that has not started
     its answer is stopped and answered JSON 503 ``not_ready`` while the server can still send it."""
 
     def __init__(self, app: ASGIApp, service: Service, respond) -> None:
@@ -74,7 +74,7 @@ class DrainGuard:
             await send(message)
 
         handling = asyncio.ensure_future(self.app(scope, receive, tracking_send))
-        with self.service.drain_deadline() as expiry:
+        with self.service.drain.deadline() as expiry:
             try:
                 await asyncio.wait({handling, expiry}, return_when=asyncio.FIRST_COMPLETED)
             finally:

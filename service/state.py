@@ -5,7 +5,6 @@ format → audit). Routes only parse requests and format answers; nothing here k
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -193,17 +192,6 @@ class Service:
         not finished shortly before ``drain_timeout_s`` are answered 503 ``not_ready`` (service/drain.py)."""
         self.drain.begin()
 
-    @property
-    def draining(self) -> bool:
-        return self.drain.draining
-
-    @property
-    def drain_expired(self) -> bool:
-        return self.drain.expired
-
-    def drain_deadline(self) -> contextlib.AbstractContextManager[asyncio.Future]:
-        return self.drain.deadline()
-
     async def stop(self) -> None:
         self.begin_drain()
         if self.compiler is not None:
@@ -223,12 +211,12 @@ class Service:
 
     @property
     def accepting(self) -> bool:
-        return self.ready and not self.draining and (self.process is None or self.process.ready)
+        return self.ready and not self.drain.draining and (self.process is None or self.process.ready)
 
     def not_ready_reason(self) -> tuple[str, str]:
         """(reason, what is going on, for a human) while not accepting: the reason is one of ``loading``,
         ``warming up``, ``starting``, ``restarting``, ``failed``, ``draining``."""
-        if self.draining:
+        if self.drain.draining:
             return "draining", "draining: the service is shutting down"
         if self.start_error is not None:
             return "failed", f"the service could not start: {self.start_error}"
