@@ -18,6 +18,9 @@ def test_plan_runs_seed_by_seed_with_both_inits_on_the_first_task_only() -> None
     assert {(a, i) for _, a, i, _ in first} == {("none", "official")} | {
         (a, i) for a in ("bam", "cbam") for i in study.INITS}
     assert {(a, i) for t, a, i, _ in planned if t == "hard"} == {(a, "official") for a in study.ATTENTIONS}
+    assert {t for t, *_ in planned} == {"mnist48", "hard"}  # hard96 only when named
+    probe = study.plan(study.parser().parse_args(["--tasks", "hard96", "--seeds", "0", "--hard-init", "macula"]))
+    assert probe == [("hard96", a, "macula", 0) for a in study.ATTENTIONS]
     only = study.plan(study.parser().parse_args(["--tasks", "mnist48", "--seeds", "0", "--runs", "cbam:macula"]))
     assert only == [("mnist48", "cbam", "macula", 0)]
 
