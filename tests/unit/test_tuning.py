@@ -84,7 +84,7 @@ def test_a_format_stops_growing_once_its_next_forward_would_exceed_the_budget():
     seconds = {"slow": {1: [0.3] * 4, 2: [0.6] * 4, 4: [1.2] * 4}, "fast": {1: [0.1] * 4, 2: [0.2] * 4,
                                                                          4: [0.4] * 4}}
     timings = measure_samples(FakeForward(seconds), ("slow", "fast"), (1, 2, 4), rounds=3, forward_budget_s=1.0,
-                      total_budget_s=1000)
+                              total_budget_s=1000)
     assert set(timings["slow"]) == {1, 2} and set(timings["fast"]) == {1, 2, 4}  # 0.6 * 4 / 2 > 1.0
 
 
