@@ -61,7 +61,7 @@ class Task:
 TASKS = {"mnist48": Task(canvas_size=48, clutter=4, epochs=15),
          "hard": Task(canvas_size=64, clutter=16, epochs=15, batch_size=32, processes=1),
          # Not in the study by default: a probe past ``hard``, where the plain network read the digit as well as on
-         # ``mnist48``; the digit's box is 3.4 % of the canvas (7.7 % on ``hard``). About 2.25x ``hard``'s cost.
+         # ``mnist48``; the digit's box is 3.4 % of the canvas (7.7 % on ``hard``). About twice ``hard``'s time a run.
          "hard96": Task(canvas_size=96, clutter=32, epochs=15, batch_size=32, processes=1)}
 STUDY_TASKS = ("mnist48", "hard")
 
