@@ -23,6 +23,7 @@ from starlette.requests import Request
 from .codec import ALLOWED_CONTENT_TYPES
 
 JSON_MAX_DEPTH = 8  # {"images": [...]} needs 2; room for a few unrelated fields (MACULA_JSON_MAX_DEPTH)
+EXTRA_FORM_FIELDS = 16  # non-file form fields a multipart body may carry beside its images
 
 
 class MalformedRequest(Exception):
@@ -70,16 +71,17 @@ async def read_images(request: Request, *, field: str, max_images: int, max_byte
 
 
 async def _multipart(request: Request, field: str, max_images: int, max_bytes: int) -> list[bytes]:
+    max_fields = max_images + EXTRA_FORM_FIELDS
     try:  # Starlette's parser itself: request.form() would turn every MultiPartException into a plain 400
         async with aclosing(request.stream()) as stream:
-            parser = MultiPartParser(request.headers, stream, max_files=max_images, max_fields=max_images + 16,
+            parser = MultiPartParser(request.headers, stream, max_files=max_images, max_fields=max_fields,
                                      max_part_size=max_bytes)
             form = await parser.parse()
     except MultiPartException as exc:
         if exc.message.startswith("Too many files"):  # Starlette stops counting there
             raise TooManyImages(max_images) from None
         if exc.message.startswith("Too many fields"):  # form fields that are not files: not images
-            raise MalformedRequest(f"malformed multipart body: more than {max_images + 16} form fields") from None
+            raise MalformedRequest(f"malformed multipart body: more than {max_fields} form fields") from None
         raise MalformedRequest(f"malformed multipart body: {exc.message}") from None
     try:
         parts = form.getlist(field)
