@@ -278,6 +278,8 @@ def test_first_page_of_a_thousand_records_renders_alone_and_pages_on(tmp_path, o
         expect(rows(page)).to_have_count(50)
         rendered_ms = page.evaluate("performance.getEntriesByName('audit:list-rendered')[0].startTime")
         print(f"first render of the list with 1000 records: {rendered_ms:.0f} ms after navigation start")
+        # the first row's thumbnail is in view: wait for it, then count what was asked
+        expect(page.locator("#list tbody img.thumb").first).to_have_attribute("src", re.compile("^blob:"))
         searches = guard.urls("/v1/predictions")
         assert [url for url in searches if "/images/" not in url] == [f"{base}/v1/predictions?limit=50"]
         thumbs = [url for url in searches if "/images/" in url]
