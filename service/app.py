@@ -1,9 +1,10 @@
 """The FastAPI app: ``create_app(settings)`` builds it; its lifespan loads, warms up, serves, drains.
 
-Middleware, outermost first: request metrics (count, latency, in-flight); the drain guard (a request still
-unanswered when the drain runs out gets JSON 503 ``not_ready``, never the server's plain-text 500); the last-resort
-error handler; the body guard (size and read deadline). The API key is a dependency of every router but health,
-metrics and the docs; every error leaves as ``{"detail", "code"}`` through the one handler (errors.py).
+Middleware, outermost first: request metrics (count, latency, in-flight); the drain guard (a request that arrived
+during the drain is refused; one still unanswered when the drain runs out gets JSON 503 ``not_ready``, never the
+server's plain-text 500); the last-resort error handler; the body guard (size and read deadline). The API key is a
+dependency of every router but health, metrics and the docs; every error leaves as ``{"detail", "code"}`` through
+the one handler (errors.py).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class RequestMetrics:
 
 
 class DrainGuard:
-    """Pure ASGI middleware: once the drain runs out (:meth:`Drain.deadline`), a request that has not started
-    its answer is stopped and answered JSON 503 ``not_ready`` while the server can still send it."""
+    """Pure ASGI middleware: stamps each request as arrived before the drain or during it (:meth:`Drain.arrival`;
+    routes refuse only the latter), and once the drain runs out (:meth:`Drain.deadline`) stops a request that has
+    not started its answer and answers it JSON 503 ``not_ready`` while the server can still send it."""
 
     def __init__(self, app: ASGIApp, service: Service, respond) -> None:
         self.app, self.service, self.respond = app, service, respond
@@ -73,7 +75,8 @@ class DrainGuard:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        handling = asyncio.ensure_future(self.app(scope, receive, tracking_send))
+        with self.service.drain.arrival():  # the task copies the stamp: routes may start it after the signal
+            handling = asyncio.ensure_future(self.app(scope, receive, tracking_send))
         with self.service.drain.deadline() as expiry:
             try:
                 await asyncio.wait({handling, expiry}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,11 +1,19 @@
 """The drain on SIGTERM: stop taking new work at once, let accepted requests finish, and answer those still
-unfinished shortly before the drain timeout (503 ``not_ready``) so that none is cut off without an answer."""
+unfinished shortly before the drain timeout (503 ``not_ready``) so that none is cut off without an answer.
+
+"Accepted" means the request had reached the server before the drain began (:meth:`Drain.arrival`), not that its
+route had run yet: on a busy machine a request can wait a while between the two, and uvicorn, like any graceful
+server, finishes the requests it had begun."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+
+# Whether the request this task serves reached the server before the drain began; False outside any arrival.
+_arrived_before_drain: ContextVar[bool] = ContextVar("arrived_before_drain", default=False)
 
 
 class Drain:
@@ -27,6 +35,20 @@ class Drain:
         answer_by = max(0.0, self.timeout_s - min(1.0, self.timeout_s / 4))  # time left to send those answers
         if self.loop is not None and not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.loop.call_later, answer_by, self._expire)
+
+    @contextlib.contextmanager
+    def arrival(self) -> Iterator[None]:
+        """Stamp the work started inside it (the tasks created here copy the stamp) as arrived before the drain, or
+        during it."""
+        token = _arrived_before_drain.set(not self.draining)
+        try:
+            yield
+        finally:
+            _arrived_before_drain.reset(token)
+
+    def admits(self) -> bool:
+        """Whether the current request may start: not draining, or it arrived before the drain began."""
+        return not self.draining or _arrived_before_drain.get()
 
     def _expire(self) -> None:
         self.expired = True

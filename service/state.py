@@ -210,8 +210,14 @@ class Service:
     # ------------------------------------------------------------------ request path
 
     @property
+    def serving(self) -> bool:
+        """Every model loaded and warmed up, and the inference worker (if any) up."""
+        return self.ready and (self.process is None or self.process.ready)
+
+    @property
     def accepting(self) -> bool:
-        return self.ready and not self.drain.draining and (self.process is None or self.process.ready)
+        """Ready for new work (``/readyz``): serving and not draining."""
+        return self.serving and not self.drain.draining
 
     def not_ready_reason(self) -> tuple[str, str]:
         """(reason, what is going on, for a human) while not accepting: the reason is one of ``loading``,
@@ -227,7 +233,9 @@ class Service:
         return status.split(":")[0] if status.startswith(("loading", "warming up")) else "starting", status
 
     def check_accepting(self) -> None:
-        if not self.accepting:
+        """Raise :class:`NotReady` (with the reason) unless the current request may start: the service is serving
+        and not draining, or the request arrived before the drain began (:meth:`Drain.admits`)."""
+        if not (self.serving and self.drain.admits()):
             reason, detail = self.not_ready_reason()
             raise NotReady(detail, reason)
 
@@ -253,8 +261,8 @@ class Service:
         client has left (its queued images are then skipped: :class:`ClientGone`). ``modules``: return only these
         attention modules' masks (implies ``attention``)."""
         started, deadline = time.perf_counter(), time.monotonic() + self.settings.request_timeout_s
-        if not self.ready:  # draining is no reason here: the route accepted this request (check_accepting) before
-            raise NotReady("loading models: the service is starting up")  # the signal, while its body was read
+        if not self.ready:  # draining is no reason here: check_accepting took this request (it arrived before the
+            raise NotReady("loading models: the service is starting up")  # signal) and its body was read since
         runner = self.runner(model)
         k, modules = self._top_k(runner, top_k), masks.select_modules(runner, modules)
         attention = attention or modules is not None
@@ -384,9 +392,15 @@ def _consume(future: asyncio.Future) -> None:
         future.exception()
 
 
-def get_service(request: Request) -> Service:
-    """The running service, as a FastAPI dependency."""
+def service_of(request: Request) -> Service:
+    """The running service behind ``request``."""
     return request.app.state.service
+
+
+async def get_service(request: Request) -> Service:
+    """:func:`service_of` as a FastAPI dependency: async, as every dependency here (FastAPI runs a plain ``def`` one
+    on a worker thread, a hop each request would queue for on a busy machine)."""
+    return service_of(request)
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]

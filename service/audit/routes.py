@@ -39,15 +39,15 @@ def _store(request: Request) -> AuditStore:
     return request.app.state.service.audit
 
 
-def _filters(model: str | None = Query(None, max_length=200, description="model name"),
-             version: str | None = Query(None, max_length=64, description="model version (sha256[:12])"),
-             label: str | None = Query(None, max_length=200, description="top-1 label of any image"),
-             min_score: float | None = Query(None, description="top-1 score at least this (same image as label)"),
-             max_score: float | None = Query(None, description="top-1 score at most this: the unsure ones"),
-             familiar: str | None = Query(None, description="true|false: an image the model's unfamiliar-input "
-                                          "detector accepted / flagged (same image as label)"),
-             since: str | None = Query(None, description="ISO 8601 or epoch seconds, inclusive"),
-             until: str | None = Query(None, description="ISO 8601 or epoch seconds, exclusive")) -> Filters:
+async def _filters(model: str | None = Query(None, max_length=200, description="model name"),
+                   version: str | None = Query(None, max_length=64, description="model version (sha256[:12])"),
+                   label: str | None = Query(None, max_length=200, description="top-1 label of any image"),
+                   min_score: float | None = Query(None, description="top-1 score at least this (same image as label)"),
+                   max_score: float | None = Query(None, description="top-1 score at most this: the unsure ones"),
+                   familiar: str | None = Query(None, description="true|false: an image the model's unfamiliar-input "
+                                                "detector accepted / flagged (same image as label)"),
+                   since: str | None = Query(None, description="ISO 8601 or epoch seconds, inclusive"),
+                   until: str | None = Query(None, description="ISO 8601 or epoch seconds, exclusive")) -> Filters:
     return Filters(model=model, version=version, label=label, min_score=min_score, max_score=max_score,
                    familiar=None if familiar is None else parse_bool(familiar, "familiar"),
                    since=None if since is None else parse_time(since, "since"),

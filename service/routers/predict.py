@@ -28,7 +28,7 @@ IMAGE_BODY = {"requestBody": {"required": True, "content": {
 PREDICT_ERRORS = responses(400, 401, 404, 408, 413, 415, 422, 500, 503, 504)
 
 
-def strict_query(request: Request) -> None:
+async def strict_query(request: Request) -> None:
     """Refuse a query parameter these routes do not take, one given twice (:mod:`.query`), or a ``top_k`` that is
     not a plain integer (``3.0``; pydantic alone would accept it)."""
     refuse_unknown(request, PARAMETERS)

@@ -3,7 +3,7 @@ ignored, ``?lable=cat`` must not select everything) and one given twice, with 42
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import Depends, Request
 
@@ -19,10 +19,10 @@ def refuse_unknown(request: Request, allowed: tuple[str, ...]) -> None:
             raise InvalidParameter(f"query parameter {name!r} is given more than once")
 
 
-def strict_query(*allowed: str) -> Callable[[Request], None]:
+def strict_query(*allowed: str) -> Callable[[Request], Awaitable[None]]:
     """A FastAPI dependency that runs :func:`refuse_unknown` with these parameter names."""
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:
         refuse_unknown(request, allowed)
 
     return check

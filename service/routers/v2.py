@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from .. import oip
 from ..errors import CODES, classify
 from ..inference import ModelRunner
-from ..state import ModelNotFound, Prediction, Service, ServiceDep, get_service, wait_disconnect
+from ..state import ModelNotFound, Prediction, Service, ServiceDep, service_of, wait_disconnect
 
 log = logging.getLogger("service")
 SERVER_NAME = "macula"
@@ -59,7 +59,7 @@ def protocol_error(request: Request, exc: Exception) -> JSONResponse:
     if rule.reason is None:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     else:
-        get_service(request).metrics.reject(rule.reason)
+        service_of(request).metrics.reject(rule.reason)
     if rule.retry_after:
         headers = {"Retry-After": "1", **(headers or {})}
     return JSONResponse({"error": detail}, status_code=rule.status, headers=headers)

@@ -7,6 +7,7 @@ import io
 import shutil
 import subprocess
 
+import anyio.to_thread
 import numpy as np
 import pytest
 import torch
@@ -184,6 +185,27 @@ async def test_every_error_has_detail_and_code(model_dir, tmp_path):
             resp = await client.request(method, url)
             assert (resp.status_code, resp.json()["code"]) == (status, code), (method, url, resp.text)
             assert isinstance(resp.json()["detail"], str)
+
+
+async def test_a_prediction_never_waits_for_starlettes_worker_threads(model_dir, tmp_path, monkeypatch):
+    """FastAPI runs a plain ``def`` endpoint or dependency on anyio's worker threads: a hop every request would queue
+    for on a busy machine. The predict routes' dependencies are ``async``; blocking work goes to the decode pool."""
+    hops = []
+    real = anyio.to_thread.run_sync
+
+    async def counting(func, *args, **kwargs):
+        hops.append(getattr(func, "__qualname__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    blob = image_bytes(noise_image(4))
+    async with serving(model_dir, tmp_path) as (app, client):
+        monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+        answers = [await client.post("/v1/predict?top_k=2", content=blob, headers={"Content-Type": "image/png"}),
+                   await client.post("/v1/models/gray/predict", files={"file": ("a.png", blob, "image/png")}),
+                   await client.post("/predictions/gray", content=blob, headers={"Content-Type": "image/png"})]
+        monkeypatch.undo()
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert hops == []
 
 
 async def test_draining_refuses_new_work_but_stays_alive(model_dir, tmp_path):

@@ -13,6 +13,7 @@ from service_testing import image_bytes, metric_samples, noise_image, serving
 
 from service import inputs
 from service import state as state_module
+from service.routers import predict as predict_module
 from service.state import Service, get_service
 
 pytestmark = pytest.mark.anyio
@@ -204,6 +205,26 @@ async def test_a_request_still_decoding_when_the_drain_runs_out_gets_json_503(mo
         gate.set()
     assert resp.status_code == 503 and resp.headers["content-type"] == "application/json"
     assert resp.json()["code"] == "not_ready" and resp.headers["Retry-After"]
+
+
+async def test_a_request_that_reached_the_server_before_the_signal_is_answered(model_dir, tmp_path, monkeypatch):
+    """SIGTERM between a request's arrival and its route (a busy machine): it is still answered; the next is refused."""
+    async with serving(model_dir, tmp_path) as (app, client):
+        real = predict_module.refuse_unknown
+
+        def signal_then_check(request, allowed):  # the route's first check: the signal lands just before it
+            app.state.service.begin_drain()
+            real(request, allowed)
+
+        monkeypatch.setattr(predict_module, "refuse_unknown", signal_then_check)
+        blob = image_bytes(noise_image(9, 40, "L"))
+        answered = await client.post("/v1/predict", content=blob, headers=PNG)
+        refused = await client.post("/v1/predict", content=blob, headers=PNG)
+        ready = await client.get("/readyz")
+    assert answered.status_code == 200, answered.text
+    assert (refused.status_code, refused.json()["code"]) == (503, "not_ready")
+    assert "draining" in refused.json()["detail"]
+    assert ready.status_code == 503
 
 
 async def test_one_undecodable_image_stops_the_rest_of_its_request_decoding(model_dir, tmp_path, monkeypatch):
