@@ -9,8 +9,8 @@ import hmac
 
 from fastapi import Request
 
+from .deps import ServiceDep
 from .errors import ServiceError
-from .state import ServiceDep
 
 
 def presented_key(request: Request) -> str | None:

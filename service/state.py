@@ -11,11 +11,9 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-from fastapi import Depends
-from starlette.requests import Request
 
 from . import formatting, masks
 from .audit.factory import build_store, input_keeper
@@ -390,23 +388,3 @@ async def _first_of(work: asyncio.Future, until_gone: Callable[[], Awaitable[Any
 def _consume(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def service_of(request: Request) -> Service:
-    """The running service behind ``request``."""
-    return request.app.state.service
-
-
-async def get_service(request: Request) -> Service:
-    """:func:`service_of` as a FastAPI dependency: async, as every dependency here (FastAPI runs a plain ``def`` one
-    on a worker thread, a hop each request would queue for on a busy machine)."""
-    return service_of(request)
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
-
-
-async def wait_disconnect(request: Request) -> None:
-    """Returns when the client has gone (once the body was read, the next message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -26,9 +26,9 @@ from starlette.types import Scope
 
 from .. import errors
 from ..audit.query import MAX_IMAGE_INDEX
+from ..deps import ServiceDep
 from ..errors import ServiceError
 from ..overlay import COLORMAPS, DEFAULT_COLORMAP, colormap_table, open_kept_input, record_overlay_png
-from ..state import ServiceDep
 from .query import strict
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static" / "audit"

@@ -7,8 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
+from ..deps import ServiceDep
 from ..errors import error_response, responses
-from ..state import NotReady, ServiceDep
+from ..state import NotReady
 
 router = APIRouter(tags=["health"])
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from ..deps import ServiceDep
 from ..errors import responses
 from ..inference import ModelRunner
-from ..state import ServiceDep
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

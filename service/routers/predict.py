@@ -8,10 +8,11 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 
+from ..deps import ServiceDep, wait_disconnect
 from ..errors import responses
 from ..inputs import read_images
 from ..masks import select_modules
-from ..state import InvalidParameter, ServiceDep, wait_disconnect
+from ..state import InvalidParameter
 from .query import refuse_unknown
 
 PARAMETERS = ("top_k", "attention", "attention_size", "modules")

@@ -15,9 +15,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from ..deps import ServiceDep, wait_disconnect
 from ..errors import responses
 from ..inputs import read_images
-from ..state import Prediction, ServiceDep, wait_disconnect
+from ..state import Prediction
 
 router = APIRouter(tags=["torchserve"])
 IMAGE_BODY = {"requestBody": {"required": True, "content": {

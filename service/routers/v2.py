@@ -22,9 +22,10 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
 from .. import oip
+from ..deps import ServiceDep, service_of, wait_disconnect
 from ..errors import CODES, classify
 from ..inference import ModelRunner
-from ..state import ModelNotFound, Prediction, Service, ServiceDep, service_of, wait_disconnect
+from ..state import ModelNotFound, Prediction, Service
 
 log = logging.getLogger("service")
 SERVER_NAME = "macula"

@@ -13,8 +13,9 @@ from service_testing import image_bytes, metric_samples, noise_image, serving
 
 from service import inputs
 from service import state as state_module
+from service.deps import get_service
 from service.routers import predict as predict_module
-from service.state import Service, get_service
+from service.state import Service
 
 pytestmark = pytest.mark.anyio
 PNG = {"Content-Type": "image/png"}
