@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from ..deps import service_of
 from ..errors import ServiceError, responses
 from ..routers.query import strict
 from .interface import Summary
@@ -36,7 +37,7 @@ FILTERS = ("model", "version", "label", "min_score", "max_score", "familiar", "s
 
 
 def _store(request: Request) -> AuditStore:
-    return request.app.state.service.audit
+    return service_of(request).audit
 
 
 async def _filters(model: str | None = Query(None, max_length=200, description="model name"),
